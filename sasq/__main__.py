@@ -1,0 +1,3 @@
+from sasq.cli import main
+
+raise SystemExit(main())
