@@ -1,0 +1,584 @@
+"""LLaMA-family causal LM in NumPy: config, weights, forward/backward, KV cache, generation, load.
+
+Computes what transformers' LlamaForCausalLM computes (float32), from HF checkpoints, without
+torch. The per-layer math lives in sasq.layers as forward/backward pairs; this file wires them
+into decoder layers and calls an optional activation hook at fixed sites (SITES), which is
+where quantizers sit:
+
+    per decoder layer i:  "attn_in"  (B, T, C)        RMSNorm output feeding q/k/v
+                          "k_cache"  (B, T, KVH*hd)   keys after RoPE
+                          "v_cache"  (B, T, KVH*hd)   values
+                          "o_in"     (B, T, H*hd)     attention output feeding o_proj
+                          "mlp_in"   (B, T, C)        RMSNorm output feeding gate/up
+                          "down_in"  (B, T, I)        silu(gate) * up feeding down_proj
+    layer = num_hidden_layers: "head_in" (B, T, C)    final RMSNorm output feeding lm_head
+
+hook.forward(layer, site, x) -> x' (same shape/dtype); hook.backward(layer, site, grad) -> grad_x.
+backward() only ever computes activation gradients.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sasq import layers as L
+
+SITES = ("attn_in", "k_cache", "v_cache", "o_in", "mlp_in", "down_in", "head_in")
+LAYER_SITES = SITES[:-1]
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclass
+class LlamaConfig:
+    """The subset of a HF LlamaConfig that defines the computation (HF defaults)."""
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: = num_attention_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None or {"rope_type": "llama3", factor, ...}
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"config field {name} must be a positive integer, got {v!r}")
+            setattr(self, name, int(v))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"config field num_key_value_heads={self.num_key_value_heads} must "
+                             f"divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"config field head_dim={self.head_dim} must be even for RoPE")
+        if not (self.rms_norm_eps >= 0):
+            raise ValueError(f"config field rms_norm_eps must be >= 0, got {self.rms_norm_eps!r}")
+        if not (self.rope_theta > 0):
+            raise ValueError(f"config field rope_theta must be > 0, got {self.rope_theta!r}")
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def n_groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """From a HF config.json dict (old rope_theta/rope_scaling or new rope_parameters form)."""
+        d = dict(d)
+        arch = d.get("architectures")
+        if arch is not None and list(arch) != ["LlamaForCausalLM"]:
+            raise ValueError(f"config field architectures={arch!r} is not supported "
+                             "(only LlamaForCausalLM)")
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"config field model_type={d['model_type']!r} is not supported "
+                             "(only llama)")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config field hidden_act={act!r} is not supported (only silu)")
+        for name in ("attention_bias", "mlp_bias"):
+            if d.get(name, False):
+                raise ValueError(f"config field {name}=true is not supported (no biases)")
+        rope_theta = d.get("rope_theta")
+        scaling = d.get("rope_scaling")
+        params = d.get("rope_parameters")
+        if params is not None:  # transformers >= 5
+            params = dict(params)
+            if rope_theta is None:
+                rope_theta = params.get("rope_theta")
+            if scaling is None:
+                scaling = params
+        if scaling is not None:
+            if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise ValueError("config field partial_rotary_factor != 1 is not supported")
+        names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
+        kw = {k: d[k] for k in names if k in d and d[k] is not None}
+        return cls(**kw, rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+                   rope_scaling=scaling)
+
+    @classmethod
+    def from_json(cls, path) -> "LlamaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config ({e})") from None
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        """A HF-style config.json dict (LlamaForCausalLM)."""
+        d = dataclasses.asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, torch_dtype="float32")
+        return d
+
+
+def _check_rope_scaling(s):
+    """None for plain RoPE, else a normalised llama3 dict; anything else is a ValueError."""
+    if s is None:
+        return None
+    if not isinstance(s, dict):
+        raise ValueError(f"config field rope_scaling must be a dict or null, got {s!r}")
+    kind = s.get("rope_type", s.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ValueError(f"config field rope_scaling type {kind!r} is not supported "
+                         "(only 'default' and 'llama3')")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if k not in s]
+    if missing:
+        raise ValueError(f"config field rope_scaling (llama3) lacks {', '.join(missing)}")
+    out = {"rope_type": "llama3", **{k: float(s[k]) for k in keys}}
+    if out["high_freq_factor"] == out["low_freq_factor"]:
+        raise ValueError("config field rope_scaling: high_freq_factor must differ from "
+                         "low_freq_factor")
+    return out
+
+
+# --------------------------------------------------------------------------- weights
+
+@dataclass
+class LayerWeights:
+    """One decoder layer, HF orientation (out, in): y = x @ W.T."""
+    q_proj: np.ndarray  # (H*hd, C)
+    k_proj: np.ndarray  # (KVH*hd, C)
+    v_proj: np.ndarray  # (KVH*hd, C)
+    o_proj: np.ndarray  # (C, H*hd)
+    gate_proj: np.ndarray  # (I, C)
+    up_proj: np.ndarray  # (I, C)
+    down_proj: np.ndarray  # (C, I)
+    input_layernorm: np.ndarray  # (C,)
+    post_attention_layernorm: np.ndarray  # (C,)
+
+    def astype(self, dtype) -> "LayerWeights":
+        return LayerWeights(**{f.name: np.asarray(getattr(self, f.name), dtype=dtype)
+                               for f in dataclasses.fields(self)})
+
+
+_LAYER_TENSORS = {
+    "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight", "o_proj": "self_attn.o_proj.weight",
+    "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight", "input_layernorm": "input_layernorm.weight",
+    "post_attention_layernorm": "post_attention_layernorm.weight",
+}
+
+
+def _layer_shapes(c: LlamaConfig) -> dict:
+    C, I, hd = c.hidden_size, c.intermediate_size, c.head_dim
+    H, KVH = c.num_attention_heads, c.num_key_value_heads
+    return {"q_proj": (H * hd, C), "k_proj": (KVH * hd, C), "v_proj": (KVH * hd, C),
+            "o_proj": (C, H * hd), "gate_proj": (I, C), "up_proj": (I, C), "down_proj": (C, I),
+            "input_layernorm": (C,), "post_attention_layernorm": (C,)}
+
+
+# --------------------------------------------------------------------------- KV cache
+
+class KVCache:
+    """Keys (after RoPE and the "k_cache" hook) and values per layer, (B, KVH, capacity, hd),
+    grown by doubling. `length` positions are filled; forward(ids, cache=...) appends."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.k: list = [None] * num_layers
+        self.v: list = [None] * num_layers
+        self.length = 0
+
+    def append(self, layer: int, k, v):
+        """k, v (B, KVH, Tn, hd) for positions length..length+Tn -> full views (B, KVH, Tk, hd)."""
+        t0, tn = self.length, k.shape[2]
+        buf = self.k[layer]
+        if buf is None or buf.shape[2] < t0 + tn or buf.shape[:2] != k.shape[:2] \
+                or buf.dtype != k.dtype:
+            if buf is not None and (buf.shape[:2] != k.shape[:2] or buf.dtype != k.dtype):
+                raise ValueError("KVCache: batch/heads/dtype differ from the cached ones")
+            cap = max(16, 2 * (t0 + tn))
+            nk = np.empty(k.shape[:2] + (cap,) + k.shape[3:], dtype=k.dtype)
+            nv = np.empty_like(nk)
+            if buf is not None:
+                nk[:, :, :t0] = self.k[layer][:, :, :t0]
+                nv[:, :, :t0] = self.v[layer][:, :, :t0]
+            self.k[layer], self.v[layer] = nk, nv
+        self.k[layer][:, :, t0:t0 + tn] = k
+        self.v[layer][:, :, t0:t0 + tn] = v
+        return self.k[layer][:, :, :t0 + tn], self.v[layer][:, :, :t0 + tn]
+
+    def reset(self):
+        self.length = 0
+
+
+# --------------------------------------------------------------------------- tape
+
+@dataclass
+class Tape:
+    """What backward needs from forward_tape. logits (B, T, V); hidden (B, T, C) is the
+    "head_in" activation after the hook (logits = hidden @ lm_head.T)."""
+    logits: np.ndarray | None
+    hidden: np.ndarray
+    layers: list  # per layer: a cache dict, or the layer input (B, T, C) when recompute
+    final: tuple  # RMSNorm cache of the final norm
+    hook: object
+    recompute: bool
+    T: int = 0
+
+
+# --------------------------------------------------------------------------- model
+
+class LlamaModel:
+    """Frozen LLaMA weights plus forward, backward and generation."""
+
+    def __init__(self, config: LlamaConfig, embed_tokens, layers, norm, lm_head, tokenizer=None):
+        self.config = config
+        self.embed_tokens = embed_tokens  # (V, C)
+        self.layers: list[LayerWeights] = list(layers)
+        self.norm = norm  # (C,)
+        self.lm_head = lm_head  # (V, C); the same array as embed_tokens when tied
+        self.tokenizer = tokenizer
+        self._rope = {}
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_config_and_tensors(cls, config, tensors: dict, tokenizer=None) -> "LlamaModel":
+        """From HF tensor names (model.layers.{i}.self_attn.q_proj.weight, ...)."""
+        if not isinstance(config, LlamaConfig):
+            config = LlamaConfig.from_dict(config)
+        c = config
+
+        def get(name, shape):
+            if name not in tensors:
+                raise ValueError(f"missing tensor {name}")
+            t = np.asarray(tensors[name])
+            if t.shape != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {t.shape}, config needs {tuple(shape)}")
+            if not np.issubdtype(t.dtype, np.floating):
+                raise ValueError(f"tensor {name} has dtype {t.dtype}, expected a float type")
+            return np.asarray(t, dtype=np.float32)
+
+        V, C = c.vocab_size, c.hidden_size
+        embed = get("model.embed_tokens.weight", (V, C))
+        shapes = _layer_shapes(c)
+        layers = []
+        for i in range(c.num_hidden_layers):
+            layers.append(LayerWeights(**{
+                f: get(f"model.layers.{i}.{n}", shapes[f]) for f, n in _LAYER_TENSORS.items()}))
+        norm = get("model.norm.weight", (C,))
+        if c.tie_word_embeddings:
+            lm_head = embed  # HF ties even when a copy of lm_head.weight was saved
+        else:
+            lm_head = get("lm_head.weight", (V, C))
+        return cls(c, embed, layers, norm, lm_head, tokenizer)
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.dtype
+
+    def astype(self, dtype) -> "LlamaModel":
+        """A new model with every weight in dtype (e.g. float64 for gradient tests)."""
+        embed = np.asarray(self.embed_tokens, dtype=dtype)
+        lm_head = embed if self.lm_head is self.embed_tokens else np.asarray(self.lm_head, dtype)
+        return LlamaModel(self.config, embed, [lw.astype(dtype) for lw in self.layers],
+                          np.asarray(self.norm, dtype=dtype), lm_head, self.tokenizer)
+
+    def copy_with(self, **fields) -> "LlamaModel":
+        """Shallow copy with some attributes replaced (config, embed_tokens, layers, norm,
+        lm_head, tokenizer)."""
+        allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"copy_with: unknown fields {sorted(bad)}")
+        m = copy.copy(self)
+        m._rope = {} if "config" in fields else dict(self._rope)
+        for k, v in fields.items():
+            setattr(m, k, list(v) if k == "layers" else v)
+        return m
+
+    def __repr__(self):
+        c = self.config
+        return (f"LlamaModel(layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}/{c.num_key_value_heads}, vocab={c.vocab_size}, "
+                f"dtype={self.dtype})")
+
+    # ---------------------------------------------------------------- helpers
+
+    def _rope_tables(self, start: int, t: int):
+        """cos, sin (t, hd/2) for positions start..start+t, cached per dtype, grown by doubling."""
+        dt = np.dtype(self.dtype)
+        tab = self._rope.get(dt)
+        if tab is None or tab[0].shape[0] < start + t:
+            c = self.config
+            n = max(start + t, 2 * (tab[0].shape[0] if tab else 0), c.max_position_embeddings)
+            inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, dt)
+            tab = L.rope_tables(inv, np.arange(n))
+            self._rope[dt] = tab
+        return tab[0][start:start + t], tab[1][start:start + t]
+
+    def _check_ids(self, ids):
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids must be an integer array (B, T), got {ids.dtype} {ids.shape}")
+        if ids.shape[1] == 0:
+            raise ValueError("ids must hold at least one token")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+    # ---------------------------------------------------------------- one decoder layer
+
+    def _layer_forward(self, i, x, cos, sin, hook, cache=None, keep=False):
+        """x (B, T, C) -> (B, T, C); returns (x_out, saved-for-backward dict or None)."""
+        c, w = self.config, self.layers[i]
+        B, T, C = x.shape
+        H, KVH, G, hd = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
+
+        # attention block
+        h, n1 = L.rmsnorm_forward(x, w.input_layernorm, c.rms_norm_eps)  # (B, T, C)
+        if hook is not None:
+            h = hook.forward(i, "attn_in", h)
+        q = L.linear_forward(h, w.q_proj).reshape(B, T, H, hd)
+        k = L.linear_forward(h, w.k_proj).reshape(B, T, KVH, hd)
+        v = L.linear_forward(h, w.v_proj)  # (B, T, KVH*hd)
+        q = L.rope_forward(q, cos, sin)  # (B, T, H, hd)
+        k = L.rope_forward(k, cos, sin).reshape(B, T, KVH * hd)
+        if hook is not None:
+            k = hook.forward(i, "k_cache", k)
+            v = hook.forward(i, "v_cache", v)
+        qh = np.ascontiguousarray(q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
+        kh = np.ascontiguousarray(k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3))  # (B,KVH,T,hd)
+        vh = np.ascontiguousarray(v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3))
+        del q, k, v
+        if cache is not None:
+            kh, vh = cache.append(i, kh, vh)  # (B, KVH, Tk, hd)
+        att, lse = L.attention_forward(qh, kh, vh)  # (B, KVH, G, T, hd), (B, KVH, G, T)
+        o = np.ascontiguousarray(att.transpose(0, 3, 1, 2, 4)).reshape(B, T, H * hd)
+        o_in = hook.forward(i, "o_in", o) if hook is not None else o
+        x_mid = x + L.linear_forward(o_in, w.o_proj)  # (B, T, C)
+        del o_in
+
+        # MLP block
+        h2, n2 = L.rmsnorm_forward(x_mid, w.post_attention_layernorm, c.rms_norm_eps)
+        if hook is not None:
+            h2 = hook.forward(i, "mlp_in", h2)
+        gate = L.linear_forward(h2, w.gate_proj)  # (B, T, I)
+        up = L.linear_forward(h2, w.up_proj)  # (B, T, I)
+        del h2
+        d = L.swiglu_forward(gate, up)  # (B, T, I)
+        if hook is not None:
+            d = hook.forward(i, "down_in", d)
+        x_out = L.linear_forward(d, w.down_proj)
+        x_out += x_mid
+        if not keep:
+            return x_out, None
+        saved = dict(n1=n1, qh=qh, kh=kh, vh=vh, att=o, lse=lse, n2=n2, gate=gate, up=up)
+        return x_out, saved
+
+    def _layer_backward(self, i, dx, s, cos, sin, hook):
+        """dx (B, T, C) at the layer output -> dx at the layer input, using saved dict s."""
+        c, w = self.config, self.layers[i]
+        B, T, C = dx.shape
+        H, KVH, G, hd = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
+
+        # MLP block (residual: dx flows to x_mid unchanged, plus the branch)
+        dd = L.linear_backward(dx, w.down_proj)  # (B, T, I)
+        if hook is not None:
+            dd = hook.backward(i, "down_in", dd)
+        dgate, dup = L.swiglu_backward(dd, s["gate"], s["up"])
+        del dd
+        dh2 = L.linear_backward(dgate, w.gate_proj)  # (B, T, C)
+        dh2 += L.linear_backward(dup, w.up_proj)
+        del dgate, dup
+        if hook is not None:
+            dh2 = hook.backward(i, "mlp_in", dh2)
+        dx_mid = dx + L.rmsnorm_backward(dh2, s["n2"], w.post_attention_layernorm)
+
+        # attention block
+        do = L.linear_backward(dx_mid, w.o_proj)  # (B, T, H*hd)
+        if hook is not None:
+            do = hook.backward(i, "o_in", do)
+        do_h = np.ascontiguousarray(do.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
+        att_h = np.ascontiguousarray(s["att"].reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
+        dqh, dkh, dvh = L.attention_backward(do_h, s["qh"], s["kh"], s["vh"], att_h, s["lse"])
+        del do_h, att_h
+        dq = np.ascontiguousarray(dqh.transpose(0, 3, 1, 2, 4)).reshape(B, T, H, hd)
+        dk = np.ascontiguousarray(dkh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
+        dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
+        if hook is not None:
+            dv = hook.backward(i, "v_cache", dv)
+            dk = hook.backward(i, "k_cache", dk)
+        dq = L.rope_backward(dq, cos, sin).reshape(B, T, H * hd)
+        dk = L.rope_backward(dk.reshape(B, T, KVH, hd), cos, sin).reshape(B, T, KVH * hd)
+        dh = L.linear_backward(dq, w.q_proj)  # (B, T, C)
+        dh += L.linear_backward(dk, w.k_proj)
+        dh += L.linear_backward(dv, w.v_proj)
+        if hook is not None:
+            dh = hook.backward(i, "attn_in", dh)
+        dx_mid += L.rmsnorm_backward(dh, s["n1"], w.input_layernorm)
+        return dx_mid
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, ids, hook=None, cache: KVCache | None = None, return_hidden=False):
+        """ids (B, T) -> logits (B, T, V), or the final normed hidden (B, T, C) after the
+        "head_in" hook when return_hidden. With a cache, ids are the next T positions."""
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        cos, sin = self._rope_tables(start, T)
+        x = self.embed_tokens[ids]  # (B, T, C)
+        for i in range(self.config.num_hidden_layers):
+            x, _ = self._layer_forward(i, x, cos, sin, hook, cache)
+        if cache is not None:
+            cache.length += T
+        h, _ = L.rmsnorm_forward(x, self.norm, self.config.rms_norm_eps)  # (B, T, C)
+        if hook is not None:
+            h = hook.forward(self.config.num_hidden_layers, "head_in", h)
+        if return_hidden:
+            return h
+        return L.linear_forward(h, self.lm_head)  # (B, T, V)
+
+    __call__ = forward
+
+    def forward_tape(self, ids, hook=None, recompute=False, compute_logits=True) -> Tape:
+        """Forward that keeps what backward needs. recompute=True keeps only each decoder
+        layer's input and re-runs the layer (hook included) just before its backward.
+        compute_logits=False leaves tape.logits None (callers chunk hidden @ lm_head.T)."""
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        cos, sin = self._rope_tables(0, T)
+        x = self.embed_tokens[ids]  # (B, T, C)
+        saved = []
+        for i in range(self.config.num_hidden_layers):
+            x_in = x
+            x, s = self._layer_forward(i, x, cos, sin, hook, keep=not recompute)
+            saved.append(x_in if recompute else s)
+        h, fcache = L.rmsnorm_forward(x, self.norm, self.config.rms_norm_eps)
+        if hook is not None:
+            h = hook.forward(self.config.num_hidden_layers, "head_in", h)
+        logits = L.linear_forward(h, self.lm_head) if compute_logits else None
+        return Tape(logits=logits, hidden=h, layers=saved, final=fcache, hook=hook,
+                    recompute=recompute, T=T)
+
+    def backward(self, tape: Tape, dlogits=None, *, dhidden=None):
+        """dlogits (B, T, V) -> d_embed (B, T, C), the gradient at the embedding output.
+
+        Alternatively dhidden (B, T, C): the gradient at the "head_in" hook output (for callers
+        that computed the loss from tape.hidden in chunks). Activation gradients only."""
+        if (dlogits is None) == (dhidden is None):
+            raise ValueError("backward needs exactly one of dlogits and dhidden")
+        hook, nl = tape.hook, self.config.num_hidden_layers
+        if dhidden is None:
+            if dlogits.shape[:-1] != tape.hidden.shape[:-1]:
+                raise ValueError(f"dlogits shape {dlogits.shape} does not match the tape")
+            dhidden = L.linear_backward(dlogits.astype(self.dtype, copy=False), self.lm_head)
+        if hook is not None:
+            dhidden = hook.backward(nl, "head_in", dhidden)
+        dx = L.rmsnorm_backward(dhidden, tape.final, self.norm)  # (B, T, C)
+        cos, sin = self._rope_tables(0, tape.T)
+        for i in reversed(range(nl)):
+            s = tape.layers[i]
+            if tape.recompute:
+                _, s = self._layer_forward(i, s, cos, sin, hook, keep=True)
+            dx = self._layer_backward(i, dx, s, cos, sin, hook)
+            del s
+        return dx
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=None, hook=None,
+                 top_k=None, eos_id=None) -> list[int]:
+        """Continue prompt_ids (1-D) by max_new_tokens tokens with a KV cache; returns only the
+        new tokens. temperature 0: greedy (argmax); > 0: sampling from softmax(logits / t),
+        optionally among the top_k, reproducible with seed. Stops early after eos_id if given."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if prompt.size == 0:
+            raise ValueError("generate needs a non-empty prompt (e.g. [bos_id])")
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if top_k is not None and top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        rng = np.random.default_rng(seed)
+        cache = KVCache(self.config.num_hidden_layers)
+        out: list[int] = []
+        if max_new_tokens == 0:
+            return out
+        h = self.forward(prompt[None], hook=hook, cache=cache, return_hidden=True)
+        while True:
+            logits = h[0, -1] @ self.lm_head.T  # (V,)
+            tok = _pick(logits, temperature, top_k, rng)
+            out.append(tok)
+            if len(out) >= max_new_tokens or (eos_id is not None and tok == eos_id):
+                return out
+            h = self.forward(np.array([[tok]]), hook=hook, cache=cache, return_hidden=True)
+
+
+def _pick(logits, temperature, top_k, rng) -> int:
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.size, p=p))
+
+
+# --------------------------------------------------------------------------- load
+
+def _load_tensors(directory: Path) -> dict:
+    from sasq.io import load_checkpoint_dir
+    return load_checkpoint_dir(directory)
+
+
+def _load_tokenizer(directory: Path):
+    try:
+        from sasq.tokenizer import load_tokenizer
+    except ImportError:  # tokenizer module not built yet
+        return None
+    return load_tokenizer(directory)
+
+
+def load(path=None) -> LlamaModel:
+    """Load a HF LLaMA checkpoint directory (config.json + safetensors [+ tokenizer]) or a
+    .gguf file. With no path: the bundled stories260K model."""
+    if path is None:
+        from sasq.io import default_model_dir
+        path = default_model_dir()
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        from sasq.gguf import load_gguf
+        config_dict, tensors, tokenizer = load_gguf(path)
+        return LlamaModel.from_config_and_tensors(config_dict, tensors, tokenizer)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: no config.json")
+    config = LlamaConfig.from_json(cfg)
+    tensors = _load_tensors(path)
+    return LlamaModel.from_config_and_tensors(config, tensors, _load_tokenizer(path))
