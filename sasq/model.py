@@ -546,6 +546,30 @@ def _pick(logits, temperature, top_k, rng) -> int:
     return int(rng.choice(z.size, p=p))
 
 
+def random_model(config, seed=0, std=None, dtype=np.float32) -> LlamaModel:
+    """A randomly initialised model (tests, benchmarks): weights ~ N(0, std^2) with std
+    1/sqrt(fan_in) by default, norm gains ~ 1 + N(0, 0.1^2)."""
+    if not isinstance(config, LlamaConfig):
+        config = LlamaConfig.from_dict(config)
+    rng = np.random.default_rng(seed)
+
+    def w(shape):
+        s = std if std is not None else 1.0 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * s).astype(dtype)
+
+    def gain(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
+
+    shapes = _layer_shapes(config)
+    layers = [LayerWeights(**{f: gain(sh[0]) if len(sh) == 1 else w(sh)
+                               for f, sh in shapes.items()})
+              for _ in range(config.num_hidden_layers)]
+    V, C = config.vocab_size, config.hidden_size
+    embed = w((V, C))
+    lm_head = embed if config.tie_word_embeddings else w((V, C))
+    return LlamaModel(config, embed, layers, gain(C), lm_head)
+
+
 # --------------------------------------------------------------------------- load
 
 def _load_tensors(directory: Path) -> dict:
