@@ -1,0 +1,379 @@
+/* gemm_int8.c — exact INT8 GEMM c = a @ b.T (a (M, K) int8 activations, b (N, K) int8 weights)
+ * with three tiers over one packed weight layout:
+ *
+ *   packed panel p (columns 64p .. 64p+63), k-group g (k = 4g .. 4g+3):
+ *       byte [p * kp * 64 + g * 256 + col * 4 + (k % 4)] = b[64p + col, k]
+ *   K is padded to kp (multiple of 4) and N to whole panels with zeros, so padding adds nothing.
+ *
+ * - scalar: the readable ground truth, int32 dot products straight from the packed layout.
+ * - AVX2: activations widened to int16, weights sign-extended with vpmovsxbw, products summed in
+ *   pairs by vpmaddwd (exact: |2 * 128 * 128| < 2^31; no vpmaddubsw, whose int16 sums saturate).
+ * - AVX-512 VNNI: vpdpbusd needs u8 x s8, so activations are shifted a + 128 (in [0, 255], exact
+ *   for every int8 including -128) and the accumulators start at -corr[n] = -128 * sum_k b[n, k],
+ *   precomputed at pack time. int32 wrap-around is harmless: the true result fits in int32
+ *   (K <= SASQ_MAX_K) and two's complement sums are exact modulo 2^32.
+ *
+ * Blocking: a task is (block of MC rows, one 64-column panel); tasks are handed out row-block
+ * major, so a row block (MC x K bytes) stays in L2 while panels stream past, and a panel
+ * (64 x K bytes, 256 KiB at K = 4096) is reused by every micro-tile of the block. The micro-tile is
+ * 6 rows x 64 columns for VNNI (24 zmm accumulators) and 4 rows x 8 columns for AVX2. The float
+ * store (linear_int8) converts and multiplies by a_scale * w_scales[n] in the same pass.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "sasq.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_X86 1
+#define TARGET_AVX2 __attribute__((target("avx2")))
+#define TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#else
+#define HAVE_X86 0
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+#define MC 96 /* rows per task: a multiple of both micro-tile heights */
+#define MR_VNNI 6
+#define MR_AVX2 4
+
+/* ---------------------------------------------------------------- packing */
+
+sasq_status sasq_pack_weights(const int8_t *b, int64_t n, int64_t k, sasq_packed *out) {
+    memset(out, 0, sizeof *out);
+    if (n <= 0 || k <= 0 || k > SASQ_MAX_K) return SASQ_ERR_ARG;
+    int64_t kp = (k + 3) & ~(int64_t)3, np = (n + SASQ_NR - 1) / SASQ_NR;
+    size_t bytes = (size_t)(np * kp * SASQ_NR);
+    int8_t *data = aligned_alloc(64, bytes); /* bytes is a multiple of 64 */
+    int32_t *corr = aligned_alloc(64, (size_t)np * SASQ_NR * sizeof(int32_t));
+    if (!data || !corr) {
+        free(data);
+        free(corr);
+        return SASQ_ERR_NOMEM;
+    }
+    memset(data, 0, bytes);
+    memset(corr, 0, (size_t)np * SASQ_NR * sizeof(int32_t));
+    for (int64_t j = 0; j < n; j++) {
+        int8_t *panel = data + (j / SASQ_NR) * kp * SASQ_NR;
+        int64_t col = j % SASQ_NR, sum = 0;
+        const int8_t *row = b + j * k;
+        for (int64_t kk = 0; kk < k; kk++) {
+            panel[(kk / 4) * (4 * SASQ_NR) + col * 4 + (kk % 4)] = row[kk];
+            sum += row[kk];
+        }
+        corr[j] = (int32_t)(128 * sum); /* |128 * sum| <= 2^14 * K < 2^31 */
+    }
+    out->n = n;
+    out->k = k;
+    out->kp = kp;
+    out->n_panels = np;
+    out->data = data;
+    out->corr = corr;
+    return SASQ_OK;
+}
+
+void sasq_packed_free(sasq_packed *p) {
+    free(p->data);
+    free(p->corr);
+    p->data = NULL;
+    p->corr = NULL;
+}
+
+/* ---------------------------------------------------------------- job description */
+
+typedef struct {
+    const sasq_packed *p;
+    int64_t m, nmb;       /* rows, row blocks */
+    const int8_t *a;      /* original activations (scalar tier) */
+    const void *a_conv;   /* u8 (VNNI) or int16 (AVX2) copy, rows of kp */
+    int32_t *ci;          /* int32 output, or NULL */
+    float *cf;            /* float output, or NULL */
+    const float *comb;    /* a_scale * w_scales[n], padded to whole panels (float output) */
+} job_t;
+
+/* ---------------------------------------------------------------- scalar tier */
+
+static void task_scalar(void *vctx, int64_t t) {
+    const job_t *J = vctx;
+    const sasq_packed *P = J->p;
+    int64_t mb = t / P->n_panels, pn = t % P->n_panels;
+    int64_t m0 = mb * MC, m1 = m0 + MC < J->m ? m0 + MC : J->m;
+    const int8_t *panel = P->data + pn * P->kp * SASQ_NR;
+    int64_t n0 = pn * SASQ_NR, ncols = P->n - n0 < SASQ_NR ? P->n - n0 : SASQ_NR;
+    for (int64_t i = m0; i < m1; i++) {
+        const int8_t *ar = J->a + i * P->k;
+        for (int64_t col = 0; col < ncols; col++) {
+            int32_t acc = 0; /* partial sums are bounded by the final bound: no overflow */
+            for (int64_t kk = 0; kk < P->k; kk++)
+                acc += (int32_t)ar[kk] * (int32_t)panel[(kk / 4) * (4 * SASQ_NR) + col * 4 + kk % 4];
+            if (J->ci) J->ci[i * P->n + n0 + col] = acc;
+            else J->cf[i * P->n + n0 + col] = (float)acc * J->comb[n0 + col];
+        }
+    }
+}
+
+#if HAVE_X86
+/* ---------------------------------------------------------------- AVX2 tier */
+
+INLINE TARGET_AVX2 void avx2_tile(int mr, const int16_t *A, int64_t kp, const int8_t *B,
+                                  int32_t *ci, float *cf, int64_t ldc, const float *comb,
+                                  int ncols) {
+    __m256i lo[MR_AVX2], hi[MR_AVX2];
+    for (int i = 0; i < mr; i++) lo[i] = hi[i] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < kp / 4; g++) {
+        const int8_t *bg = B + g * (4 * SASQ_NR);
+        __m256i b_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)bg));
+        __m256i b_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(bg + 16)));
+        for (int i = 0; i < mr; i++) {
+            long long a4;
+            memcpy(&a4, A + i * kp + 4 * g, 8);
+            __m256i av = _mm256_set1_epi64x(a4);
+            lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(av, b_lo));
+            hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(av, b_hi));
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+        /* lanes hold (k0+k1, k2+k3) pairs per column: add the pairs, restore column order */
+        __m256i s = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo[i], hi[i]), 0xD8);
+        int32_t tmp[8];
+        if (ci) {
+            if (ncols == 8) _mm256_storeu_si256((__m256i *)(ci + i * ldc), s);
+            else {
+                _mm256_storeu_si256((__m256i *)tmp, s);
+                memcpy(ci + i * ldc, tmp, (size_t)ncols * sizeof(int32_t));
+            }
+        } else {
+            __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(comb));
+            if (ncols == 8) _mm256_storeu_ps(cf + i * ldc, f);
+            else {
+                float ft[8];
+                _mm256_storeu_ps(ft, f);
+                memcpy(cf + i * ldc, ft, (size_t)ncols * sizeof(float));
+            }
+        }
+    }
+}
+
+TARGET_AVX2 static void task_avx2(void *vctx, int64_t t) {
+    const job_t *J = vctx;
+    const sasq_packed *P = J->p;
+    int64_t mb = t / P->n_panels, pn = t % P->n_panels;
+    int64_t m0 = mb * MC, m1 = m0 + MC < J->m ? m0 + MC : J->m;
+    const int8_t *panel = P->data + pn * P->kp * SASQ_NR;
+    int64_t n0 = pn * SASQ_NR;
+    const int16_t *A = J->a_conv;
+    for (int64_t i = m0; i < m1; i += MR_AVX2) {
+        int mr = m1 - i < MR_AVX2 ? (int)(m1 - i) : MR_AVX2;
+        for (int sb = 0; sb < SASQ_NR / 8; sb++) {
+            int64_t c0 = n0 + sb * 8;
+            if (c0 >= P->n) break;
+            int ncols = P->n - c0 < 8 ? (int)(P->n - c0) : 8;
+            int32_t *ci = J->ci ? J->ci + i * P->n + c0 : NULL;
+            float *cf = J->cf ? J->cf + i * P->n + c0 : NULL;
+            const float *comb = J->comb ? J->comb + c0 : NULL;
+            const int16_t *Ai = A + i * P->kp;
+            const int8_t *B = panel + sb * 32;
+            switch (mr) { /* constant mr: the tile is fully unrolled in registers */
+            case 4: avx2_tile(4, Ai, P->kp, B, ci, cf, P->n, comb, ncols); break;
+            case 3: avx2_tile(3, Ai, P->kp, B, ci, cf, P->n, comb, ncols); break;
+            case 2: avx2_tile(2, Ai, P->kp, B, ci, cf, P->n, comb, ncols); break;
+            default: avx2_tile(1, Ai, P->kp, B, ci, cf, P->n, comb, ncols); break;
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 VNNI tier */
+
+INLINE TARGET_VNNI void vnni_tile(int mr, const uint8_t *A, int64_t kp, const int8_t *B,
+                                  const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
+                                  const float *comb, int ncols) {
+    __m512i acc[MR_VNNI][4];
+    for (int j = 0; j < 4; j++) {
+        __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_load_si512(corr + 16 * j));
+        for (int i = 0; i < mr; i++) acc[i][j] = neg;
+    }
+    for (int64_t g = 0; g < kp / 4; g++) {
+        const int8_t *bg = B + g * (4 * SASQ_NR);
+        __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
+        __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
+        for (int i = 0; i < mr; i++) {
+            int32_t a4;
+            memcpy(&a4, A + i * kp + 4 * g, 4);
+            __m512i av = _mm512_set1_epi32(a4);
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
+            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], av, b2);
+            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], av, b3);
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        int left = ncols - 16 * j;
+        if (left <= 0) break;
+        __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        if (ci) {
+            for (int i = 0; i < mr; i++) _mm512_mask_storeu_epi32(ci + i * ldc + 16 * j, mk, acc[i][j]);
+        } else {
+            __m512 sc = _mm512_loadu_ps(comb + 16 * j);
+            for (int i = 0; i < mr; i++)
+                _mm512_mask_storeu_ps(cf + i * ldc + 16 * j, mk,
+                                      _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), sc));
+        }
+    }
+}
+
+TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
+    const job_t *J = vctx;
+    const sasq_packed *P = J->p;
+    int64_t mb = t / P->n_panels, pn = t % P->n_panels;
+    int64_t m0 = mb * MC, m1 = m0 + MC < J->m ? m0 + MC : J->m;
+    const int8_t *B = P->data + pn * P->kp * SASQ_NR;
+    const int32_t *corr = P->corr + pn * SASQ_NR;
+    int64_t n0 = pn * SASQ_NR;
+    int ncols = P->n - n0 < SASQ_NR ? (int)(P->n - n0) : SASQ_NR;
+    const uint8_t *A = J->a_conv;
+    for (int64_t i = m0; i < m1; i += MR_VNNI) {
+        int mr = m1 - i < MR_VNNI ? (int)(m1 - i) : MR_VNNI;
+        const uint8_t *Ai = A + i * P->kp;
+        int32_t *ci = J->ci ? J->ci + i * P->n + n0 : NULL;
+        float *cf = J->cf ? J->cf + i * P->n + n0 : NULL;
+        const float *comb = J->comb ? J->comb + n0 : NULL;
+        switch (mr) {
+        case 6: vnni_tile(6, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        case 5: vnni_tile(5, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        case 4: vnni_tile(4, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        case 3: vnni_tile(3, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        case 2: vnni_tile(2, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        default: vnni_tile(1, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
+        }
+    }
+}
+#endif /* HAVE_X86 */
+
+/* ---------------------------------------------------------------- driver */
+
+static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, int32_t *ci,
+                            float *cf, const float *comb) {
+    if (m <= 0 || !p->data) return SASQ_ERR_ARG;
+    job_t J = {p, m, (m + MC - 1) / MC, a, NULL, ci, cf, comb};
+    sasq_task_fn fn = task_scalar;
+    void *conv = NULL;
+    sasq_isa isa = sasq_get_isa();
+    const int64_t kp = p->kp, k = p->k;
+#if HAVE_X86
+    if (isa == SASQ_ISA_AVX512VNNI) {
+        uint8_t *u = calloc((size_t)(m * kp), 1); /* padding k: any value times a zero weight */
+        if (!u) return SASQ_ERR_NOMEM;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t kk = 0; kk < k; kk++) u[i * kp + kk] = (uint8_t)((int)a[i * k + kk] + 128);
+        conv = u;
+        fn = task_vnni;
+    } else if (isa == SASQ_ISA_AVX2) {
+        int16_t *w = calloc((size_t)(m * kp), sizeof(int16_t));
+        if (!w) return SASQ_ERR_NOMEM;
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t kk = 0; kk < k; kk++) w[i * kp + kk] = a[i * k + kk];
+        conv = w;
+        fn = task_avx2;
+    }
+#else
+    (void)isa; (void)kp; (void)k;
+#endif
+    J.a_conv = conv;
+    sasq_parallel_for(J.nmb * p->n_panels, fn, &J);
+    free(conv);
+    return SASQ_OK;
+}
+
+sasq_status sasq_gemm_packed_i32(const int8_t *a, int64_t m, const sasq_packed *p, int32_t *c) {
+    return gemm_run(a, m, p, c, NULL, NULL);
+}
+
+sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *p, float a_scale,
+                                 const float *w_scales, float *y) {
+    /* combined scales, padded to whole panels so SIMD loads stay in bounds */
+    float *comb = calloc((size_t)(p->n_panels * SASQ_NR), sizeof(float));
+    if (!comb) return SASQ_ERR_NOMEM;
+    for (int64_t j = 0; j < p->n; j++) comb[j] = a_scale * w_scales[j];
+    sasq_status st = gemm_run(a, m, p, NULL, y, comb);
+    free(comb);
+    return st;
+}
+
+/* ---------------------------------------------------------------- measurement helpers */
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+#if HAVE_X86
+/* 12 independent vpdpbusd chains (more than latency x throughput), no memory traffic. */
+TARGET_VNNI static int64_t peak_loop(int64_t iters, int32_t seed) {
+    __m512i a = _mm512_set1_epi32(seed), b = _mm512_set1_epi32(seed ^ 0x01020304);
+    __m512i c0 = a, c1 = b, c2 = a, c3 = b, c4 = a, c5 = b, c6 = a, c7 = b, c8 = a, c9 = b,
+            c10 = a, c11 = b;
+    for (int64_t i = 0; i < iters; i++) {
+        c0 = _mm512_dpbusd_epi32(c0, a, b); c1 = _mm512_dpbusd_epi32(c1, a, b);
+        c2 = _mm512_dpbusd_epi32(c2, a, b); c3 = _mm512_dpbusd_epi32(c3, a, b);
+        c4 = _mm512_dpbusd_epi32(c4, a, b); c5 = _mm512_dpbusd_epi32(c5, a, b);
+        c6 = _mm512_dpbusd_epi32(c6, a, b); c7 = _mm512_dpbusd_epi32(c7, a, b);
+        c8 = _mm512_dpbusd_epi32(c8, a, b); c9 = _mm512_dpbusd_epi32(c9, a, b);
+        c10 = _mm512_dpbusd_epi32(c10, a, b); c11 = _mm512_dpbusd_epi32(c11, a, b);
+        __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5));
+    }
+    __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                                 _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+    s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
+    return _mm512_reduce_add_epi32(s);
+}
+#define PEAK_OPS_PER_ITER (12.0 * 64.0 * 2.0) /* 12 instructions x 64 u8*s8 MACs x 2 ops */
+
+typedef struct { int64_t iters; int64_t sink; } peak_job;
+static void peak_task(void *vctx, int64_t t) {
+    peak_job *J = vctx;
+    __atomic_fetch_add(&J->sink, peak_loop(J->iters, (int32_t)t + 7), __ATOMIC_RELAXED);
+}
+#endif
+
+double sasq_peak_int8_gops(int threads, double seconds) {
+#if HAVE_X86
+    if (!sasq_isa_available(SASQ_ISA_AVX512VNNI) || threads < 1) return 0.0;
+    int saved = sasq_get_num_threads();
+    if (sasq_set_num_threads(threads) != 0) return 0.0;
+    peak_job J = {1 << 16, 0};
+    double t0 = now_s();
+    peak_task(&J, 0); /* calibrate the iteration count on one thread */
+    double dt = now_s() - t0;
+    if (dt > 0) J.iters = (int64_t)((double)J.iters * seconds / dt) + 1;
+    t0 = now_s();
+    sasq_parallel_for(threads, peak_task, &J);
+    dt = now_s() - t0;
+    sasq_set_num_threads(saved);
+    return PEAK_OPS_PER_ITER * (double)J.iters * threads / dt * 1e-9;
+#else
+    (void)threads; (void)seconds;
+    return 0.0;
+#endif
+}
+
+typedef struct { const sasq_packed *p; uint64_t acc; } stream_job;
+static void stream_task(void *vctx, int64_t t) {
+    stream_job *J = vctx;
+    const uint64_t *w = (const uint64_t *)(J->p->data + t * J->p->kp * SASQ_NR);
+    int64_t n = J->p->kp * SASQ_NR / 8;
+    uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+    for (int64_t i = 0; i + 4 <= n; i += 4) {
+        x0 ^= w[i]; x1 ^= w[i + 1]; x2 ^= w[i + 2]; x3 ^= w[i + 3];
+    }
+    __atomic_fetch_xor(&J->acc, x0 ^ x1 ^ x2 ^ x3, __ATOMIC_RELAXED);
+}
+
+int64_t sasq_stream_read(const sasq_packed *p) {
+    stream_job J = {p, 0};
+    sasq_parallel_for(p->n_panels, stream_task, &J);
+    return (int64_t)(J.acc & 0x7fffffffffffffffULL);
+}
