@@ -27,23 +27,12 @@ def _softmax_rows(z):  # (B, V) -> (B, V), float64 for exact-enough inverse-CDF 
 
 
 def _new_cache(model, batch: int, max_len: int):
-    """A KV cache for `batch` sequences, or None when the model offers none (then recompute)."""
+    """A KV cache for the batch, or None when the model offers none (then recompute)."""
     try:
         from sasq.model import KVCache
     except ImportError:
         return None
-    for make in (
-        lambda: KVCache.create(model.config, batch, max_len),
-        lambda: KVCache(model.config, batch, max_len),
-        lambda: KVCache(model.config, batch_size=batch, max_len=max_len),
-        lambda: KVCache(model.config),
-        lambda: KVCache(),
-    ):
-        try:
-            return make()
-        except (TypeError, AttributeError):
-            continue
-    return None
+    return KVCache(model.config.num_hidden_layers)
 
 
 def sample_windows(model, n_windows: int, seqlen: int, temperature: float = 1.0, seed: int = 0,
@@ -93,10 +82,10 @@ def _sample_block(model, ids, gens, temperature, bar):
     cache = _new_cache(model, b, t_len)
     for t in range(1, t_len):
         if cache is not None:
-            logits = model.forward(ids[:, t - 1:t], cache=cache)  # (B, 1, V)
+            h = model.forward(ids[:, t - 1:t], cache=cache, return_hidden=True)  # (B, 1, C)
         else:
-            logits = model.forward(ids[:, :t])  # (B, t, V) recomputed
-        z = np.asarray(logits)[:, -1, :]  # (B, V)
+            h = model.forward(ids[:, :t], return_hidden=True)  # (B, t, C) recomputed
+        z = h[:, -1, :] @ model.lm_head.T  # (B, V)
         if temperature == 0:
             ids[:, t] = z.argmax(axis=-1)
         else:

@@ -1,0 +1,93 @@
+"""`python -m sasq run`: calibrate, train scales and compare baselines in one table.
+
+With no arguments: the bundled stories260K in data-free mode (training and own-domain evaluation
+text sampled from the FP32 model, separate seeds), a small fast configuration. With
+`--model DIR --train FILE --eval FILE`: real data. Writes results.json + results.md under --out
+(default ./results/<timestamp>/); rerunning with the same --out skips finished cells.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sasq.experiment import DEFAULT_BITS, METHODS, ExperimentConfig, default_out_dir
+
+
+def add_arguments(p):
+    p.add_argument("--model", help="HF checkpoint dir or .gguf (default: bundled stories260K)")
+    p.add_argument("--train", help="training/calibration text (default: data-free samples)")
+    p.add_argument("--eval", help="evaluation text, e.g. wikitext-2 raw test.joined.txt")
+    p.add_argument("--bits", default=None,
+                   help=f"comma list of W<b>A<b> (default {','.join(DEFAULT_BITS)}; --quick: W8A8,W4A8)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
+    p.add_argument("--objective", choices=("ce", "kl", "both"), default="both",
+                   help="training objective of the trained rows: next-token CE, KL to FP32, or both")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 100; --quick 20)")
+    p.add_argument("--lr", type=float, default=3e-2, help="Adam lr on log-scales (default 3e-2)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 512; --quick 128)")
+    p.add_argument("--batch", type=int, default=4, help="windows per training step (default 4)")
+    p.add_argument("--calib-windows", type=int, default=16, help="PTQ calibration windows")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="cap on evaluation-text windows (default all; --quick 16)")
+    p.add_argument("--own-windows", type=int, default=None,
+                   help="own-domain evaluation windows sampled from FP32 (default 32; --quick 8)")
+    p.add_argument("--datafree-windows", type=int, default=None,
+                   help="data-free training windows (default 128; --quick 24)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="results directory (default ./results/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster configuration")
+    p.add_argument("--threads", type=int, default=None, help="C kernel threads (sasq.set_num_threads)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _pick(value, default, quick_default, quick):
+    if value is not None:
+        return value
+    return quick_default if quick else default
+
+
+def config_from_args(args) -> ExperimentConfig:
+    quick = args.quick
+    data_free = not args.train
+    bits = args.bits.split(",") if args.bits else (["W8A8", "W4A8"] if quick else list(DEFAULT_BITS))
+    # The default run (no corpus) must finish in a few minutes on 2 cores with stories260K.
+    cfg = ExperimentConfig(
+        model=args.model, train=args.train, eval=args.eval,
+        bits=tuple(b.strip() for b in bits if b.strip()),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        objectives=("ce", "kl") if args.objective == "both" else (args.objective,),
+        steps=_pick(args.steps, 100 if not data_free else 60, 20, quick),
+        lr=args.lr,
+        seqlen=_pick(args.seqlen, 512 if not data_free else 256, 128, quick),
+        batch=args.batch,
+        calib_windows=args.calib_windows,
+        eval_windows=_pick(args.eval_windows, None, 16, quick),
+        own_windows=_pick(args.own_windows, 32 if not data_free else 16, 8, quick),
+        datafree_windows=_pick(args.datafree_windows, 128 if not data_free else 64, 24, quick),
+        seed=args.seed,
+        out=args.out or str(default_out_dir()),
+        progress=not args.quiet,
+    )
+    for name in ("steps", "seqlen", "batch", "calib_windows", "own_windows", "datafree_windows"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.eval_windows is not None and cfg.eval_windows < 1:
+        raise ValueError("--eval-windows must be >= 1")
+    return cfg
+
+
+def main(args) -> int:
+    from sasq.experiment import run_experiment, render_markdown
+
+    cfg = config_from_args(args)
+    if args.threads is not None:
+        from sasq import set_num_threads
+        set_num_threads(args.threads)
+    for f in (cfg.train, cfg.eval):
+        if f and not Path(f).is_file():
+            raise FileNotFoundError(f"text file not found: {f}")
+    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    doc = run_experiment(cfg, log=log)
+    print(render_markdown(doc))
+    print(f"results: {Path(doc['dir']) / 'results.json'} and results.md")
+    return 0
