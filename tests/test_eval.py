@@ -1,0 +1,170 @@
+"""sasq.eval: the QuaRot/GPTQ perplexity protocol, checked against torch's cross_entropy."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import sasq.eval as ev
+from sasq.eval import PerplexityResult, perplexity, tokenize_corpus, windows
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+NLL_RTOL = 1e-6  # float32 logits, float64 accumulation, against torch's float64 cross_entropy
+PPL_RTOL_VS_HF = 1e-4  # sasq forward vs transformers forward (float32 both), whole-ppl level
+
+
+class FakeModel:
+    """Context-dependent toy LM: hidden = running mean of embeddings; logits = hidden @ lm_head.T."""
+
+    def __init__(self, V=97, C=16, seed=0, dtype=np.float32):
+        rng = np.random.default_rng(seed)
+        self.embed = rng.standard_normal((V, C)).astype(dtype)
+        self.lm_head = (3 * rng.standard_normal((V, C))).astype(dtype)
+        self.calls = []
+
+    def forward(self, ids, return_hidden=False):
+        assert return_hidden
+        self.calls.append(ids.shape)
+        x = self.embed[ids]  # (B, T, C)
+        return np.cumsum(x, axis=1) / np.arange(1, ids.shape[1] + 1)[None, :, None]
+
+
+def torch_ppl(model, wins):
+    """Independent reference: full logits, shifted labels, F.cross_entropy per window."""
+    nlls = []
+    for w in wins:
+        h = model.forward(w[None], return_hidden=True)[0]
+        logits = torch.from_numpy(np.asarray(h @ model.lm_head.T, dtype=np.float64))
+        nlls.append(F.cross_entropy(logits[:-1], torch.from_numpy(w[1:].astype(np.int64))).item())
+    return math.exp(np.mean(nlls)), nlls
+
+
+def stream(n, V=97, seed=1):
+    return np.random.default_rng(seed).integers(0, V, n)
+
+
+def test_windows_cut_tail_and_keep_order():
+    ids = np.arange(23)
+    w = windows(ids, 5)
+    assert w.shape == (4, 5)
+    np.testing.assert_array_equal(w.reshape(-1), ids[:20])
+    with pytest.raises(ValueError, match="shorter than one window"):
+        windows(np.arange(4), 5)
+    with pytest.raises(ValueError, match="seqlen"):
+        windows(ids, 1)
+
+
+@pytest.mark.parametrize("seqlen, chunk", [(33, ev.CHUNK_ROWS), (300, ev.CHUNK_ROWS), (40, 7)])
+def test_perplexity_equals_torch_cross_entropy(monkeypatch, seqlen, chunk):
+    monkeypatch.setattr(ev, "CHUNK_ROWS", chunk)  # row chunking must not change the sum
+    model, ids = FakeModel(), stream(5 * seqlen + 11)
+    res = perplexity(model, ids, seqlen, progress=False)
+    ref_ppl, ref_nlls = torch_ppl(model, windows(ids, seqlen))
+    assert res.n_windows == 5 and res.n_tokens == len(ids) and res.seqlen == seqlen
+    assert res.n_predictions == 5 * (seqlen - 1)
+    np.testing.assert_allclose(res.window_nlls, ref_nlls, rtol=NLL_RTOL)
+    np.testing.assert_allclose(res.ppl, ref_ppl, rtol=NLL_RTOL)
+    np.testing.assert_allclose(res.nll, math.log(ref_ppl), rtol=NLL_RTOL)
+
+
+def test_batch_size_and_max_windows():
+    model, ids = FakeModel(), stream(7 * 20 + 3)
+    one = perplexity(model, ids, 20, progress=False)
+    model.calls.clear()
+    three = perplexity(model, ids, 20, batch_size=3, progress=False)
+    assert model.calls == [(3, 20), (3, 20), (1, 20)]
+    np.testing.assert_allclose(three.window_nlls, one.window_nlls, rtol=1e-6)
+    few = perplexity(model, ids, 20, max_windows=2, progress=False)
+    assert few.n_windows == 2 and few.window_nlls == pytest.approx(one.window_nlls[:2], rel=1e-6)
+    # ready-made windows give the same result as the stream they came from
+    again = perplexity(model, windows(ids, 20), 20, progress=False)
+    np.testing.assert_allclose(again.window_nlls, one.window_nlls, rtol=1e-6)
+
+
+def test_float64_model_is_scored_in_float64():
+    model = FakeModel(dtype=np.float64)
+    ids = stream(3 * 50)
+    res = perplexity(model, ids, 50, progress=False)
+    ref_ppl, _ = torch_ppl(model, windows(ids, 50))
+    assert res.ppl == pytest.approx(ref_ppl, rel=1e-12)
+
+
+def test_result_to_dict_is_json():
+    res = perplexity(FakeModel(), stream(100), 25, progress=False)
+    d = json.loads(json.dumps(res.to_dict()))
+    assert {"ppl", "nll", "n_windows", "seqlen", "n_tokens", "window_nlls"} <= set(d)
+    assert d["ppl"] == res.ppl and len(d["window_nlls"]) == 4
+    assert isinstance(res, PerplexityResult) and "4 windows" in str(res)
+
+
+def test_bad_inputs():
+    model = FakeModel(V=10)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        perplexity(model, np.array([1, 2, 10, 3]), 2, progress=False)
+    with pytest.raises(ValueError, match="integers"):
+        perplexity(model, np.array([1.0, 2.0]), 2, progress=False)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        perplexity(model, np.array([1, 2]), 3, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        perplexity(model, np.arange(8), 4, batch_size=0, progress=False)
+
+    class Long(FakeModel):
+        class config:
+            max_position_embeddings = 8
+    with pytest.raises(ValueError, match="max_position_embeddings 8"):
+        perplexity(Long(V=10), np.arange(10) % 10, 9, progress=False)
+
+
+def test_nan_logits_warn_not_silent():
+    model = FakeModel()
+    model.lm_head = model.lm_head.copy()
+    model.lm_head[5, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        res = perplexity(model, stream(40), 20, progress=False)
+    assert math.isnan(res.ppl)
+
+
+def test_tokenize_corpus_bos_once(stories_dir):
+    from sasq.tokenizer import load_tokenizer
+    tok = load_tokenizer(stories_dir)
+    ids = tokenize_corpus(tok, "One day.\n\nAnother day.")
+    assert ids.dtype == np.int64 and ids[0] == tok.bos_id and (ids == tok.bos_id).sum() == 1
+    with pytest.raises(ValueError, match="no tokenizer"):
+        tokenize_corpus(None, "x")
+
+
+# ---------------------------------------------------------------- real model (sasq.model)
+
+@pytest.fixture(scope="module")
+def stories(stories_dir):
+    model_mod = pytest.importorskip("sasq.model", reason="sasq.model (model helper) not available")
+    return model_mod.load(stories_dir)
+
+
+def test_stories_perplexity_matches_torch_on_own_logits(stories, wikitext_test):
+    text = wikitext_test.read_text(encoding="utf-8")[:6000]
+    ids = tokenize_corpus(stories.tokenizer, text)
+    res = perplexity(stories, ids, 128, batch_size=2, progress=False)
+    wins = windows(ids, 128)
+    logits = stories.forward(wins)  # (n, T, V) full logits from the model's own forward
+    ref = [F.cross_entropy(torch.from_numpy(l[:-1]).double(), torch.from_numpy(w[1:])).item()
+           for l, w in zip(logits, wins)]
+    assert res.n_windows == len(wins) >= 4
+    np.testing.assert_allclose(res.window_nlls, ref, rtol=NLL_RTOL * 10)
+    assert res.ppl == pytest.approx(math.exp(np.mean(ref)), rel=NLL_RTOL * 10)
+
+
+def test_stories_perplexity_matches_transformers(stories, stories_dir, wikitext_test):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32).eval()
+    text = wikitext_test.read_text(encoding="utf-8")[:6000]
+    ids = tokenize_corpus(stories.tokenizer, text)
+    res = perplexity(stories, ids, 512, progress=False)
+    wins = torch.from_numpy(windows(ids, 512))
+    with torch.no_grad():
+        out = hf(input_ids=wins, labels=wins)  # HF shifts labels inside: positions 1..T-1
+    # HF's loss is a mean over all windows' predictions; windows are equal-length, so it equals ours
+    assert res.n_windows == wins.shape[0] >= 2
+    assert res.ppl == pytest.approx(math.exp(out.loss.item()), rel=PPL_RTOL_VS_HF)
