@@ -1,0 +1,66 @@
+"""`python -m sasq eval`: perplexity of a model on a text file (QuaRot/GPTQ protocol)."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: the bundled stories260K)")
+    p.add_argument("--data", required=True, help="UTF-8 text file, tokenized as one stream")
+    p.add_argument("--seqlen", type=int, default=None,
+                   help="window length (default: the model's max_position_embeddings, at most 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="score only the first K windows")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--json", default=None, help="also write the result (with per-window NLLs) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(args) -> int:
+    from sasq.eval import perplexity, tokenize_corpus
+    from sasq.io import default_model_dir
+    from sasq.model import load
+
+    model_path = Path(args.model) if args.model else default_model_dir()
+    data = Path(args.data)
+    if not data.is_file():
+        raise FileNotFoundError(f"{data}: no such text file")
+    try:
+        text = data.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    model = load(model_path)
+    if model.tokenizer is None:
+        raise ValueError(f"{model_path}: the model has no tokenizer (tokenizer.json/.model)")
+    seqlen = args.seqlen or min(2048, model.config.max_position_embeddings)
+    ids = tokenize_corpus(model.tokenizer, text)
+    res = perplexity(model, ids, seqlen, batch_size=args.batch_size, max_windows=args.max_windows,
+                     progress=not args.quiet)
+
+    rows = [("model", str(model_path)), ("data", str(data)),
+            ("tokens", f"{res.n_tokens:,}" + (" (BOS once)" if model.tokenizer.add_bos else "")),
+            ("windows", f"{res.n_windows:,}" + ("" if args.max_windows is None else
+                                               f" (first {args.max_windows} asked)")),
+            ("seqlen", str(res.seqlen)), ("nll", f"{res.nll:.6f}"), ("ppl", f"{res.ppl:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        out = {"model": str(model_path), "data": str(data), "batch_size": args.batch_size,
+               **res.to_dict()}
+        _write_json_atomic(Path(args.json), out)
+    return 0
