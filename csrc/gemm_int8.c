@@ -19,6 +19,7 @@
  * 6 rows x 64 columns for VNNI (24 zmm accumulators) and 4 rows x 8 columns for AVX2. The float
  * store (linear_int8) converts and multiplies by a_scale * w_scales[n] in the same pass.
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -187,41 +188,96 @@ TARGET_AVX2 static void task_avx2(void *vctx, int64_t t) {
 
 /* ---------------------------------------------------------------- AVX-512 VNNI tier */
 
-INLINE TARGET_VNNI void vnni_tile(int mr, const uint8_t *A, int64_t kp, const int8_t *B,
-                                  const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
-                                  const float *comb, int ncols) {
-    __m512i acc[MR_VNNI][4];
-    for (int j = 0; j < 4; j++) {
-        __m512i neg = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_load_si512(corr + 16 * j));
-        for (int i = 0; i < mr; i++) acc[i][j] = neg;
+INLINE TARGET_VNNI __mmask16 edge_mask(int ncols, int j) {
+    int left = ncols - 16 * j;
+    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+/* Broadcast 4 activation bytes of row r at k-group g. */
+#define BCAST(r) _mm512_set1_epi32(load_u32(A + (r) * kp + 4 * g))
+#define DP4(r)                                                                                   \
+    do {                                                                                         \
+        __m512i av_ = BCAST(r);                                                                  \
+        c##r##0 = _mm512_dpbusd_epi32(c##r##0, av_, b0);                                         \
+        c##r##1 = _mm512_dpbusd_epi32(c##r##1, av_, b1);                                         \
+        c##r##2 = _mm512_dpbusd_epi32(c##r##2, av_, b2);                                         \
+        c##r##3 = _mm512_dpbusd_epi32(c##r##3, av_, b3);                                         \
+    } while (0)
+#define INIT4(r) __m512i c##r##0 = n0v, c##r##1 = n1v, c##r##2 = n2v, c##r##3 = n3v
+/* Store row r (masked at the right edge of N); the float form converts and scales in place. */
+#define STORE4(r)                                                                                \
+    do {                                                                                         \
+        if ((r) < mr) {                                                                          \
+            if (ci) {                                                                            \
+                int32_t *p_ = ci + (r) * ldc;                                                    \
+                _mm512_mask_storeu_epi32(p_, m0k, c##r##0);                                      \
+                _mm512_mask_storeu_epi32(p_ + 16, m1k, c##r##1);                                 \
+                _mm512_mask_storeu_epi32(p_ + 32, m2k, c##r##2);                                 \
+                _mm512_mask_storeu_epi32(p_ + 48, m3k, c##r##3);                                 \
+            } else {                                                                             \
+                float *p_ = cf + (r) * ldc;                                                      \
+                _mm512_mask_storeu_ps(p_, m0k, _mm512_mul_ps(_mm512_cvtepi32_ps(c##r##0), s0));  \
+                _mm512_mask_storeu_ps(p_ + 16, m1k, _mm512_mul_ps(_mm512_cvtepi32_ps(c##r##1), s1)); \
+                _mm512_mask_storeu_ps(p_ + 32, m2k, _mm512_mul_ps(_mm512_cvtepi32_ps(c##r##2), s2)); \
+                _mm512_mask_storeu_ps(p_ + 48, m3k, _mm512_mul_ps(_mm512_cvtepi32_ps(c##r##3), s3)); \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+#define STORE_PREP                                                                               \
+    __mmask16 m0k = edge_mask(ncols, 0), m1k = edge_mask(ncols, 1), m2k = edge_mask(ncols, 2),   \
+              m3k = edge_mask(ncols, 3);                                                         \
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;                                  \
+    if (comb) { /* padded to whole panels: full loads stay in bounds */                          \
+        s0 = _mm512_loadu_ps(comb); s1 = _mm512_loadu_ps(comb + 16);                             \
+        s2 = _mm512_loadu_ps(comb + 32); s3 = _mm512_loadu_ps(comb + 48);                        \
     }
+
+static inline uint32_t load_u32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* 6 rows x 64 columns: 24 zmm accumulators that start at -128 * rowsum(W). Rows >= mr of A are
+ * zero padding (the activation buffer is allocated in whole tiles) and are not stored. */
+TARGET_VNNI static void vnni_tile6(int mr, const uint8_t *A, int64_t kp, const int8_t *B,
+                                   const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
+                                   const float *comb, int ncols) {
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i n0v = _mm512_sub_epi32(z, _mm512_load_si512(corr)),
+                  n1v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 16)),
+                  n2v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 32)),
+                  n3v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 48));
+    INIT4(0); INIT4(1); INIT4(2); INIT4(3); INIT4(4); INIT4(5);
     for (int64_t g = 0; g < kp / 4; g++) {
         const int8_t *bg = B + g * (4 * SASQ_NR);
         __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
         __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
-        for (int i = 0; i < mr; i++) {
-            int32_t a4;
-            memcpy(&a4, A + i * kp + 4 * g, 4);
-            __m512i av = _mm512_set1_epi32(a4);
-            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], av, b0);
-            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], av, b1);
-            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], av, b2);
-            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], av, b3);
-        }
+        DP4(0); DP4(1); DP4(2); DP4(3); DP4(4); DP4(5);
     }
-    for (int j = 0; j < 4; j++) {
-        int left = ncols - 16 * j;
-        if (left <= 0) break;
-        __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        if (ci) {
-            for (int i = 0; i < mr; i++) _mm512_mask_storeu_epi32(ci + i * ldc + 16 * j, mk, acc[i][j]);
-        } else {
-            __m512 sc = _mm512_loadu_ps(comb + 16 * j);
-            for (int i = 0; i < mr; i++)
-                _mm512_mask_storeu_ps(cf + i * ldc + 16 * j, mk,
-                                      _mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][j]), sc));
-        }
+    STORE_PREP
+    STORE4(0); STORE4(1); STORE4(2); STORE4(3); STORE4(4); STORE4(5);
+}
+
+/* 1 row x 64 columns (decode, M = 1): memory-bound, 4 chains suffice. */
+TARGET_VNNI static void vnni_tile1(const uint8_t *A, int64_t kp, const int8_t *B,
+                                   const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
+                                   const float *comb, int ncols) {
+    const int mr = 1;
+    const __m512i z = _mm512_setzero_si512();
+    const __m512i n0v = _mm512_sub_epi32(z, _mm512_load_si512(corr)),
+                  n1v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 16)),
+                  n2v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 32)),
+                  n3v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 48));
+    INIT4(0);
+    for (int64_t g = 0; g < kp / 4; g++) {
+        const int8_t *bg = B + g * (4 * SASQ_NR);
+        __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
+        __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
+        DP4(0);
     }
+    STORE_PREP
+    STORE4(0);
 }
 
 TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
@@ -240,14 +296,8 @@ TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
         int32_t *ci = J->ci ? J->ci + i * P->n + n0 : NULL;
         float *cf = J->cf ? J->cf + i * P->n + n0 : NULL;
         const float *comb = J->comb ? J->comb + n0 : NULL;
-        switch (mr) {
-        case 6: vnni_tile(6, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        case 5: vnni_tile(5, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        case 4: vnni_tile(4, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        case 3: vnni_tile(3, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        case 2: vnni_tile(2, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        default: vnni_tile(1, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols); break;
-        }
+        if (mr == 1) vnni_tile1(Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols);
+        else vnni_tile6(mr, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols);
     }
 }
 #endif /* HAVE_X86 */
@@ -264,7 +314,9 @@ static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, in
     const int64_t kp = p->kp, k = p->k;
 #if HAVE_X86
     if (isa == SASQ_ISA_AVX512VNNI) {
-        uint8_t *u = calloc((size_t)(m * kp), 1); /* padding k: any value times a zero weight */
+        /* rows padded to whole 6-row tiles; padding k: any value times a zero weight is 0 */
+        int64_t mpad = m + MR_VNNI;
+        uint8_t *u = calloc((size_t)(mpad * kp), 1);
         if (!u) return SASQ_ERR_NOMEM;
         for (int64_t i = 0; i < m; i++)
             for (int64_t kk = 0; kk < k; kk++) u[i * kp + kk] = (uint8_t)((int)a[i * k + kk] + 128);
