@@ -1,0 +1,126 @@
+"""NumPy twins of the C kernels in sasq.ops: the test oracle, and a fallback that works in any
+float dtype (float64 for gradient checks). Same conventions and NaN rules as sasq.ops; no
+argument checking beyond what the semantics need.
+
+Shapes: x (..., C); a scale/threshold/ceiling is a scalar or (C,).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+Z_CAP = 30.0  # truncation: tanh(30) == 1 in double; keeps +-inf finite in the gradients
+
+
+def qmax(bits: int) -> int:
+    return (1 << (int(bits) - 1)) - 1
+
+
+def _p(value, dtype) -> np.ndarray:
+    return np.asarray(value, dtype=dtype)
+
+
+def _reduce_to(grad64: np.ndarray, param) -> np.ndarray | float:
+    """Sum a float64 per-element gradient (..., C) down to the parameter's shape."""
+    if np.ndim(param) == 0:
+        return float(grad64.sum())
+    return grad64.reshape(-1, grad64.shape[-1]).sum(axis=0)
+
+
+# ---------------------------------------------------------------- quantization
+
+def quantize(x, scale, bits=8):  # (..., C) -> int8 (..., C)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("quantize: x contains NaN or inf")
+    qm = qmax(bits)
+    return np.clip(np.rint(x / _p(scale, x.dtype)), -qm, qm).astype(np.int8)
+
+
+def dequantize(q, scale, dtype=np.float32):
+    return q.astype(dtype) * _p(scale, dtype)
+
+
+def fake_quant(x, scale, bits=8):
+    s = _p(scale, x.dtype)
+    qm = qmax(bits)
+    return s * np.clip(np.rint(x / s), -qm, qm)  # np.clip keeps NaN
+
+
+def fake_quant_backward(x, scale, grad_out, bits=8, grad_scale_factor=1.0):
+    """STE for x, LSQ gradient for the scale (see sasq.ops.fake_quant_backward)."""
+    s = _p(scale, x.dtype)
+    qm = qmax(bits)
+    u = x / s
+    inside = np.abs(u) <= qm
+    grad_x = np.where(inside, grad_out, 0).astype(x.dtype)
+    grad_x[np.isnan(u)] = np.nan
+    ds = np.where(u > qm, qm, np.where(u < -qm, -qm, np.rint(u) - u)).astype(x.dtype)
+    gs = _reduce_to(grad_out.astype(np.float64) * ds.astype(np.float64), scale)
+    if np.ndim(scale) == 0:
+        return grad_x, float(x.dtype.type(gs * grad_scale_factor))
+    return grad_x, (gs * grad_scale_factor).astype(x.dtype)
+
+
+# ---------------------------------------------------------------- truncation
+
+def _knee(x, t, c):
+    """float64 (a, z, sign) of the soft knee; z only meaningful where a > t."""
+    x64 = x.astype(np.float64)
+    a = np.abs(x64)
+    with np.errstate(invalid="ignore"):
+        z = np.minimum((a - t) / (c - t), Z_CAP)  # np.minimum keeps NaN
+    return x64, a, z
+
+
+def truncate(x, threshold, ceiling):
+    """|x| <= t: x; else sign(x) * (t + (c - t) tanh((|x| - t) / (c - t))). Computed in float64,
+    rounded once to x.dtype (as the C kernel does)."""
+    t = _p(_p(threshold, x.dtype), np.float64)  # parameters live in x's precision
+    c = _p(_p(ceiling, x.dtype), np.float64)
+    x64, a, z = _knee(x, t, c)
+    y = np.where(a <= t, x64, np.sign(x64) * (t + (c - t) * np.tanh(z)))
+    return y.astype(x.dtype)
+
+
+def truncate_backward(x, threshold, ceiling, grad_out):
+    t = _p(_p(threshold, x.dtype), np.float64)  # parameters live in x's precision
+    c = _p(_p(ceiling, x.dtype), np.float64)
+    x64, a, z = _knee(x, t, c)
+    g = grad_out.astype(np.float64)
+    outside = ~(a <= t)  # NaN counts as outside, so NaN propagates
+    th, s2 = np.tanh(z), 1.0 / np.cosh(z) ** 2
+    sg = np.where(x64 < 0, -1.0, 1.0)
+    sg = np.where(np.isnan(x64), np.nan, sg)
+    grad_x = np.where(outside, g * s2, g)
+    gt = np.where(outside, g * sg * (1.0 - th + (z - 1.0) * s2), 0.0)
+    gc = np.where(outside, g * sg * (th - z * s2), 0.0)
+    gt_r, gc_r = _reduce_to(gt, threshold), _reduce_to(gc, ceiling)
+    cast = lambda v: float(x.dtype.type(v)) if np.ndim(v) == 0 else v.astype(x.dtype)
+    return grad_x.astype(x.dtype), cast(gt_r), cast(gc_r)
+
+
+def truncate_quantize(x, threshold, scale, bits=8):
+    if not np.all(np.isfinite(x)):
+        raise ValueError("truncate_quantize: x contains NaN or inf")
+    qm = qmax(bits)
+    s = _p(scale, x.dtype)
+    c = s * x.dtype.type(qm)  # the ceiling in x's precision, as the kernel forms it
+    y = truncate(x, threshold, c)
+    return np.clip(np.rint(y / s), -qm, qm).astype(np.int8)
+
+
+# ---------------------------------------------------------------- INT8 GEMM
+
+def gemm_int8(a, b):  # (..., K) int8, (N, K) int8 -> (..., N) int32, exact
+    c = a.astype(np.int64) @ b.astype(np.int64).T
+    assert np.abs(c).max(initial=0) < 2**31
+    return c.astype(np.int32)
+
+
+def pack_weights(w_int8):
+    """The packed form is a layout detail of the C kernel; the twin keeps the plain matrix."""
+    return np.asarray(w_int8)
+
+
+def linear_int8(a_q, packed, a_scale, w_scales):
+    comb = np.float32(a_scale) * np.asarray(w_scales, dtype=np.float32)
+    return gemm_int8(a_q, packed).astype(np.float32) * comb
