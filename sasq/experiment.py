@@ -79,7 +79,8 @@ class ExperimentConfig:
     schedule: str = "cosine"
     calib_windows: int = 16
     val_fraction: float = 0.1
-    val_windows: int = 8
+    val_windows: int = 4
+    evals_during_training: int = 4  # held-out evaluations per training run (early stopping)
     eval_windows: int | None = None  # cap on eval-text windows (None = all)
     own_windows: int = 32  # own-domain evaluation windows
     datafree_windows: int = 128  # data-free training windows (of seqlen + 1 tokens)
@@ -410,6 +411,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             tr = train_scales(qm, train_ids, steps=cfg.steps, lr=cfg.lr, seqlen=seqlen, batch=cfg.batch,
                               objective=obj, schedule=cfg.schedule, val_ids=val_ids,
                               val_windows=cfg.val_windows, checkpoint=ck, resume=True, seed=cfg.seed,
+                              eval_every=max(1, cfg.steps // max(1, cfg.evals_during_training)),
                               progress=cfg.progress)
             train_info = {"train_steps": tr.steps, "initial_val": tr.initial_val, "best_val": tr.best_val,
                           "best_step": tr.best_step, "final_train_loss": tr.final_loss,
@@ -419,7 +421,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         for name in eval_names:
             r = ppl(qm, name)
             rows.append(_row(method, b, obj, plan, name, float(r.ppl), fp32[name]["ppl"], int(r.n_windows),
-                             trained_on if (method in TRAINED or plan.mode == "static") else "-",
+                             trained_on if method in TRAINED else
+                             (f"calib: {trained_on}" if plan.mode == "static" else "-"),
                              train_info, prep))
         results.add(rows)
         summary = ", ".join(f"{r['eval']}: {_fmt_ppl(r['ppl'])}" for r in rows)
