@@ -380,7 +380,11 @@ TARGET_VNNI static int64_t peak_loop(int64_t iters, int32_t seed) {
     __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
                                  _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
     s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
-    return _mm512_reduce_add_epi32(s);
+    uint32_t lanes[16]; /* wrapping sum: _mm512_reduce_add_epi32 would overflow signed int */
+    _mm512_storeu_si512(lanes, s);
+    uint32_t r = 0;
+    for (int i = 0; i < 16; i++) r += lanes[i];
+    return (int64_t)r;
 }
 #define PEAK_OPS_PER_ITER (12.0 * 64.0 * 2.0) /* 12 instructions x 64 u8*s8 MACs x 2 ops */
 

@@ -1,0 +1,169 @@
+/* test_kernels.c — the pure-C kernels on their own, built by `make sanitize` under ASan/UBSan.
+ * Each check compares against a naive loop written here (int64 GEMM, literal expectations). */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "sasq.h"
+
+static int failures = 0, checks = 0;
+#define CHECK(cond, ...)                                                                         \
+    do {                                                                                         \
+        checks++;                                                                                \
+        if (!(cond)) {                                                                           \
+            failures++;                                                                          \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                 \
+            fprintf(stderr, __VA_ARGS__);                                                        \
+            fputc('\n', stderr);                                                                 \
+        }                                                                                        \
+    } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
+static uint32_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float frand(float lo, float hi) { return lo + (hi - lo) * (float)(rnd() / 4294967296.0); }
+
+static void test_quantize(void) {
+    const float x[] = {-0.3125f, -0.1875f, -0.0625f, 0.0625f, 0.1875f, 0.3125f, 100.f, -100.f};
+    const int8_t expect[] = {-2, -2, 0, 0, 2, 2, 127, -127}; /* s = 0.125: ties to even */
+    float s = 0.125f;
+    int8_t q[8];
+    CHECK(sasq_quantize(x, &s, 0, 1, 8, 8, q) == SASQ_OK, "quantize status");
+    for (int i = 0; i < 8; i++) CHECK(q[i] == expect[i], "quantize[%d] = %d, want %d", i, q[i], expect[i]);
+    float y[8];
+    sasq_fake_quant(x, &s, 0, 2, 4, 8, y);
+    for (int i = 0; i < 8; i++) CHECK(y[i] == expect[i] * s, "fake_quant[%d]", i);
+    float xb[3] = {1.0f, NAN, 2.0f};
+    CHECK(sasq_quantize(xb, &s, 0, 1, 3, 8, q) == SASQ_ERR_NONFINITE, "quantize NaN must fail");
+    sasq_fake_quant(xb, &s, 0, 1, 3, 4, y);
+    CHECK(isnan(y[1]) && y[0] == 0.875f && y[2] == 0.875f, "fake_quant NaN/clamp (4 bits: qmax 7)");
+    /* per-channel */
+    float sc[3] = {0.5f, 1.0f, 2.0f}, xc[6] = {1.f, 1.f, 1.f, -3.f, -3.f, -3.f};
+    int8_t qc[6];
+    sasq_quantize(xc, sc, 1, 2, 3, 8, qc);
+    CHECK(qc[0] == 2 && qc[1] == 1 && qc[2] == 0 && qc[3] == -6 && qc[4] == -3 && qc[5] == -2,
+          "per-channel quantize");
+    float d[6];
+    sasq_dequantize(qc, sc, 1, 2, 3, d);
+    CHECK(d[0] == 1.f && d[3] == -3.f && d[5] == -4.f, "dequantize");
+}
+
+static void test_ste(void) {
+    float x[5] = {0.26f, -0.26f, 50.f, -50.f, NAN}, g[5] = {1, 2, 3, 4, 1}, gx[5], gs;
+    float s = 0.1f;
+    CHECK(sasq_fake_quant_backward(x, &s, 0, g, 1, 4, 8, 1.0, gx, &gs) == SASQ_OK, "ste status");
+    CHECK(gx[0] == 1 && gx[1] == 2 && gx[2] == 0 && gx[3] == 0, "ste grad_x");
+    double u = (double)(0.26f / 0.1f);
+    double want = (rint(u) - u) * 1 + (-rint(u) + u) * 2 + 127.0 * 3 - 127.0 * 4;
+    CHECK(fabs(gs - want) < 1e-4, "ste grad_scale %g want %g", gs, want);
+    CHECK(sasq_fake_quant_backward(x, &s, 0, g, 1, 5, 8, 0.5, gx, &gs) == SASQ_OK, "ste status");
+    CHECK(isnan(gx[4]) && isnan(gs), "ste NaN");
+}
+
+static float trunc_ref(float x, float t, float c) {
+    double a = fabs((double)x);
+    if (a <= t) return x;
+    double y = t + (c - t) * tanh((a - t) / (c - t));
+    return (float)(x < 0 ? -y : y);
+}
+
+static void test_truncate(void) {
+    enum { R = 3, C = 17 };
+    float x[R * C], y[R * C], g[R * C], gx[R * C], t[C], c = 4.0f, gt[C], gc;
+    for (int j = 0; j < C; j++) t[j] = frand(0.5f, 2.0f);
+    for (int i = 0; i < R * C; i++) { x[i] = frand(-10, 10); g[i] = frand(-1, 1); }
+    sasq_truncate(x, t, 1, &c, 0, R, C, y);
+    for (int i = 0; i < R * C; i++) {
+        CHECK(fabsf(y[i] - trunc_ref(x[i], t[i % C], c)) <= 1e-6f * fabsf(y[i]), "truncate[%d]", i);
+        CHECK(fabsf(y[i]) <= c, "truncate bounded");
+    }
+    CHECK(sasq_truncate_backward(x, t, 1, &c, 0, g, R, C, gx, gt, &gc) == SASQ_OK, "trunc bwd");
+    /* grad_c against central differences in double */
+    double h = 1e-3, lp = 0, lm = 0;
+    for (int i = 0; i < R * C; i++) {
+        double a = fabs((double)x[i]), tv = t[i % C], sg = x[i] < 0 ? -1 : 1;
+        if (a <= tv) continue;
+        lp += g[i] * sg * (tv + (c + h - tv) * tanh((a - tv) / (c + h - tv)));
+        lm += g[i] * sg * (tv + (c - h - tv) * tanh((a - tv) / (c - h - tv)));
+    }
+    double fd = (lp - lm) / (2 * h);
+    CHECK(fabs(gc - fd) <= 1e-4 * (1 + fabs(fd)), "grad_c %g vs fd %g", gc, fd);
+    float xi[2] = {INFINITY, -INFINITY}, yi[2], one = 1.0f, two = 2.0f;
+    sasq_truncate(xi, &one, 0, &two, 0, 1, 2, yi);
+    CHECK(yi[0] == 2.0f && yi[1] == -2.0f, "truncate inf");
+    float s = 0.01f, tq = 1.0f, xq[3] = {0.5f, 1.35f, 1e6f};
+    int8_t q[3];
+    CHECK(sasq_truncate_quantize(xq, &tq, 0, &s, 0, 1, 3, 8, q) == SASQ_OK, "trunc quant");
+    CHECK(q[0] == 50 && q[1] == 123 && q[2] == 127, "trunc quant values %d %d %d", q[0], q[1], q[2]);
+    xq[1] = NAN;
+    CHECK(sasq_truncate_quantize(xq, &tq, 0, &s, 0, 1, 3, 8, q) == SASQ_ERR_NONFINITE, "tq NaN");
+}
+
+static void gemm_case(int64_t m, int64_t k, int64_t n, int extreme) {
+    int8_t *a = malloc((size_t)(m * k)), *b = malloc((size_t)(n * k));
+    int32_t *c = malloc((size_t)(m * n) * 4);
+    float *y = malloc((size_t)(m * n) * 4), *ws = malloc((size_t)n * 4);
+    for (int64_t i = 0; i < m * k; i++) a[i] = extreme ? (int8_t)(i % 3 ? -128 : 127) : (int8_t)rnd();
+    for (int64_t i = 0; i < n * k; i++) b[i] = extreme ? (int8_t)(i % 2 ? -128 : 127) : (int8_t)rnd();
+    for (int64_t j = 0; j < n; j++) ws[j] = frand(0.01f, 1.0f);
+    sasq_packed p;
+    CHECK(sasq_pack_weights(b, n, k, &p) == SASQ_OK, "pack");
+    CHECK(sasq_gemm_packed_i32(a, m, &p, c) == SASQ_OK, "gemm");
+    CHECK(sasq_gemm_packed_f32(a, m, &p, 0.5f, ws, y) == SASQ_OK, "linear");
+    int bad = 0;
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t j = 0; j < n; j++) {
+            int64_t acc = 0;
+            for (int64_t kk = 0; kk < k; kk++) acc += (int64_t)a[i * k + kk] * b[j * k + kk];
+            if (c[i * n + j] != acc) bad++;
+            if (y[i * n + j] != (float)acc * (0.5f * ws[j])) bad++;
+        }
+    CHECK(bad == 0, "gemm isa %d m=%lld k=%lld n=%lld: %d mismatches", (int)sasq_get_isa(),
+          (long long)m, (long long)k, (long long)n, bad);
+    sasq_packed_free(&p);
+    free(a); free(b); free(c); free(y); free(ws);
+}
+
+static void test_gemm(void) {
+    const int64_t ms[] = {1, 3, 6, 7, 97}, ks[] = {1, 3, 4, 33, 65, 255}, ns[] = {1, 8, 17, 64, 65};
+    for (int isa = SASQ_ISA_SCALAR; isa <= SASQ_ISA_AVX512VNNI; isa++) {
+        if (sasq_set_isa((sasq_isa)isa) != 0) {
+            printf("  (isa %d not available here: skipped)\n", isa);
+            continue;
+        }
+        for (int threads = 1; threads <= 3; threads += 2) {
+            sasq_set_num_threads(threads);
+            for (size_t i = 0; i < sizeof ms / sizeof *ms; i++)
+                for (size_t j = 0; j < sizeof ks / sizeof *ks; j++)
+                    for (size_t l = 0; l < sizeof ns / sizeof *ns; l++) gemm_case(ms[i], ks[j], ns[l], 0);
+            gemm_case(13, 1023, 130, 1);
+        }
+    }
+    sasq_set_isa(sasq_isa_best());
+    sasq_packed p;
+    CHECK(sasq_pack_weights(NULL, 0, 4, &p) == SASQ_ERR_ARG, "pack rejects n = 0");
+    CHECK(sasq_set_num_threads(0) != 0, "0 threads rejected");
+    int8_t w[64 * 8];
+    memset(w, 1, sizeof w);
+    CHECK(sasq_pack_weights(w, 64, 8, &p) == SASQ_OK, "pack");
+    (void)sasq_stream_read(&p);
+    sasq_packed_free(&p);
+    double peak = sasq_peak_int8_gops(2, 0.01);
+    CHECK(peak >= 0, "peak");
+    sasq_set_num_threads(1);
+}
+
+int main(void) {
+    test_quantize();
+    test_ste();
+    test_truncate();
+    test_gemm();
+    printf("test_kernels: %d checks, %d failures\n", checks, failures);
+    return failures ? 1 : 0;
+}
