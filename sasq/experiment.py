@@ -52,6 +52,10 @@ DEFAULT_BITS = ("W8A8", "W6A6", "W4A8", "W4A4")
 OWN_DOMAIN = "own-domain (FP32 samples)"
 SMOOTHQUANT_ALPHA = 0.5
 RESULTS_VERSION = 1
+EVAL_BATCH = 4  # windows per perplexity forward (speed only; the numbers do not depend on it)
+IDENTITY_FIELDS = ("model", "train", "eval", "steps", "lr", "seqlen", "batch", "schedule", "calib_windows",
+                   "val_fraction", "val_windows", "evals_during_training", "eval_windows", "own_windows",
+                   "datafree_windows", "temperature", "seed")
 
 
 def parse_bits(spec: str) -> tuple[int, int]:
@@ -92,9 +96,7 @@ class ExperimentConfig:
     def identity(self) -> dict:
         """Settings that change numbers: a resumed run must match them exactly."""
         d = asdict(self)
-        for k in ("out", "progress", "methods", "bits", "objectives"):
-            d.pop(k)
-        return d
+        return {k: d[k] for k in IDENTITY_FIELDS}
 
 
 # --------------------------------------------------------------------------- plans
@@ -363,7 +365,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     results = Results(out, meta)
 
     def ppl(qm, name):
-        r = sasq.perplexity(qm, evals[name], seqlen, batch_size=cfg.batch,
+        r = sasq.perplexity(qm, evals[name], seqlen, batch_size=EVAL_BATCH,
                             max_windows=cfg.eval_windows if name != OWN_DOMAIN else None,
                             progress=cfg.progress)
         return r

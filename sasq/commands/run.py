@@ -37,7 +37,7 @@ def add_arguments(p):
     p.add_argument("--out", help="results directory (default ./results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster configuration")
     p.add_argument("--threads", type=int, default=None, help="C kernel threads (sasq.set_num_threads)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (one line per cell still)")
 
 
 def _pick(value, default, quick_default, quick):
@@ -86,7 +86,8 @@ def main(args) -> int:
     for f in (cfg.train, cfg.eval):
         if f and not Path(f).is_file():
             raise FileNotFoundError(f"text file not found: {f}")
-    log = (lambda *a, **k: None) if args.quiet else (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    def log(*a):
+        print(*a, file=sys.stderr, flush=True)
     doc = run_experiment(cfg, log=log)
     print(render_markdown(doc))
     print(f"results: {Path(doc['dir']) / 'results.json'} and results.md")

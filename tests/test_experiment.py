@@ -1,0 +1,109 @@
+"""The results table: JSON round trip, Markdown rendering, resume skips finished cells, CLI config."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from sasq.experiment import (OWN_DOMAIN, ExperimentConfig, Results, load_results, parse_bits,
+                             render_markdown, run_experiment)
+
+
+def _meta(**identity):
+    return {"model_name": "m", "trained_on": "valid.txt", "seqlen": 8, "bits": ["W8A8"],
+            "evals": ["test.txt", OWN_DOMAIN], "identity": {"steps": 3, **identity},
+            "fp32": {"test.txt": {"ppl": 10.0, "n_windows": 5}, OWN_DOMAIN: {"ppl": 4.0, "n_windows": 2}}}
+
+
+def _row(method, bits, obj, ev, ppl):
+    return {"method": method, "label": method, "bits": bits, "objective": obj, "granularity": "channel",
+            "form": "folded", "mode": "static", "trained_on": "valid.txt", "eval": ev, "ppl": ppl,
+            "delta": ppl / (10.0 if ev == "test.txt" else 4.0) - 1, "n_windows": 5}
+
+
+def test_parse_bits():
+    assert parse_bits("W4A8") == (4, 8)
+    assert parse_bits(" w6a6 ") == (6, 6)
+    for bad in ("W8", "A8W8", "W1A8", "W9A9", "W8A8x"):
+        with pytest.raises(ValueError, match="bit"):
+            parse_bits(bad)
+
+
+def test_results_round_trip_resume_and_markdown(tmp_path):
+    r = Results(tmp_path, _meta())
+    rows = [_row("sasq", "W8A8", "ce", "test.txt", 12.5), _row("sasq", "W8A8", "ce", OWN_DOMAIN, 4.4)]
+    r.add(rows)
+    r.add(rows[:1])  # a duplicate is not stored twice
+    doc = load_results(tmp_path / "results.json")
+    assert doc["rows"] == rows and doc["meta"]["fp32"]["test.txt"]["ppl"] == 10.0
+    again = Results(tmp_path, _meta())  # a rerun sees the finished cell
+    assert again.has_cell("sasq", "W8A8", "ce", ["test.txt", OWN_DOMAIN])
+    assert not again.has_cell("sasq", "W8A8", "kl", ["test.txt", OWN_DOMAIN])
+    with pytest.raises(ValueError, match="different settings.*lr"):
+        Results(tmp_path, _meta(lr=0.1))
+    md = (tmp_path / "results.md").read_text()
+    assert md == render_markdown(doc)
+    line = next(l for l in md.splitlines() if l.startswith("| SASQ hard clamp"))
+    assert "12.50" in line and "+25.0%" in line and "4.40" in line and "+10.0%" in line
+    assert "FP32 PPL 10.00, 5 windows x 8 tokens" in md
+
+
+def test_corrupt_results_file_is_a_clear_error(tmp_path):
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable results file"):
+        Results(tmp_path, _meta())
+
+
+def test_end_to_end_tiny_run_and_resume(tmp_path, stories_dir, assets, monkeypatch):
+    pytest.importorskip("sasq.quant")
+    wt = assets / "wikitext-2"
+    train = tmp_path / "train.txt"
+    train.write_text((wt / "tokens-v1" / "valid.txt").read_text()[:12_000])
+    ev = tmp_path / "eval.txt"
+    ev.write_text((wt / "raw-v1" / "test.joined.txt").read_text()[:3_000])
+    cfg = ExperimentConfig(model=str(stories_dir), train=str(train), eval=str(ev), bits=("W8A8",),
+                           methods=("fp32", "static_tensor", "dynamic_token", "sasq"), objectives=("kl",),
+                           steps=2, seqlen=32, batch=1, calib_windows=2, val_windows=2, eval_windows=3,
+                           own_windows=2, out=str(tmp_path / "res"), progress=False)
+    doc = run_experiment(cfg, log=lambda *a: None)
+    rows = doc["rows"]
+    assert {(r["method"], r["eval"]) for r in rows} == {
+        (m, e) for m in ("fp32", "static_tensor", "dynamic_token", "sasq") for e in ("eval.txt", OWN_DOMAIN)}
+    fp32 = {r["eval"]: r["ppl"] for r in rows if r["method"] == "fp32"}
+    for r in rows:
+        assert np.isfinite(r["ppl"]) and r["ppl"] > 1
+        if r["method"] != "fp32":
+            assert r["delta"] == pytest.approx(r["ppl"] / fp32[r["eval"]] - 1)
+    sasq_row = next(r for r in rows if r["method"] == "sasq")
+    assert sasq_row["train_steps"] == 2 and sasq_row["objective"] == "kl"
+    assert doc["meta"]["fp32"]["eval.txt"]["n_windows"] == 3
+    saved = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert saved["rows"] == rows
+
+    # Rerun: every cell is already there, so nothing is quantized or trained again.
+    import sasq
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(sasq, "quantize", boom)
+    doc2 = run_experiment(cfg, log=lambda *a: None)
+    assert doc2["rows"] == rows
+    # A new bit config only adds its own cells.
+    monkeypatch.undo()
+    cfg3 = ExperimentConfig(**{**cfg.__dict__, "bits": ("W8A8", "W4A8"), "methods": ("dynamic_token",)})
+    doc3 = run_experiment(cfg3, log=lambda *a: None)
+    assert len(doc3["rows"]) == len(rows) + 2
+
+
+def test_cli_defaults_are_data_free_and_small():
+    from sasq.commands.run import add_arguments, config_from_args
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args([]))
+    assert cfg.train is None and cfg.eval is None and cfg.model is None
+    assert cfg.bits == ("W8A8", "W6A6", "W4A8", "W4A4") and cfg.objectives == ("ce", "kl")
+    q = config_from_args(p.parse_args(["--quick", "--objective", "kl"]))
+    assert q.steps < cfg.steps and q.objectives == ("kl",)
+    with pytest.raises(ValueError, match="--steps"):
+        config_from_args(p.parse_args(["--steps", "0"]))
