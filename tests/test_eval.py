@@ -168,3 +168,29 @@ def test_stories_perplexity_matches_transformers(stories, stories_dir, wikitext_
     # HF's loss is a mean over all windows' predictions; windows are equal-length, so it equals ours
     assert res.n_windows == wins.shape[0] >= 2
     assert res.ppl == pytest.approx(math.exp(out.loss.item()), rel=PPL_RTOL_VS_HF)
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_eval_command_table_and_json(tmp_path, stories, wikitext_test, capsys):
+    from sasq.cli import main
+    data = tmp_path / "sample.txt"
+    data.write_text(wikitext_test.read_text(encoding="utf-8")[:3000], encoding="utf-8")
+    out = tmp_path / "res.json"
+    rc = main(["eval", "--data", str(data), "--seqlen", "64", "--max-windows", "3",
+               "--batch-size", "2", "--json", str(out), "--quiet"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["n_windows"] == 3 and d["seqlen"] == 64 and len(d["window_nlls"]) == 3
+    ids = tokenize_corpus(stories.tokenizer, data.read_text(encoding="utf-8"))
+    direct = perplexity(stories, ids, 64, max_windows=3, progress=False)
+    assert d["ppl"] == pytest.approx(direct.ppl, rel=1e-6)
+    assert f"{direct.ppl:.4f}" in table and f"{len(ids):,}" in table
+
+
+def test_eval_command_errors_are_one_line(tmp_path, capsys):
+    from sasq.cli import main
+    assert main(["eval", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sasq eval: error:") and "missing.txt" in err and "\n" not in err
