@@ -52,14 +52,18 @@ def set_threads(n: int):
         pass  # OPENBLAS_NUM_THREADS was set above, before numpy was imported
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (allocations, rope tables, torch kernels)
-    ts = []
+def best_times(fns, repeats: int) -> list[float]:
+    """Best wall time of each function, runs interleaved so that load from other processes
+    hits both sides alike; the minimum is the least disturbed run."""
+    for fn in fns:
+        fn()  # warm-up (allocations, rope tables, torch kernels)
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
+        for j, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[j] = min(best[j], time.perf_counter() - t0)
+    return best
 
 
 def hf_from_sasq(model):
@@ -91,8 +95,7 @@ def bench(name, model, hf, seqlen, repeats, batch=1):
         with torch.inference_mode():
             hf(tid, use_cache=False)
 
-    ts = best_time(run_sasq, repeats)
-    tt = best_time(run_torch, repeats)
+    ts, tt = best_times([run_sasq, run_torch], repeats)
     n = batch * seqlen
     return dict(model=name, seqlen=seqlen, sasq=n / ts, torch=n / tt, ratio=tt / ts)
 

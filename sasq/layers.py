@@ -9,13 +9,79 @@ query heads per KV head, hd head dim, I intermediate, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import math
+import os
 
 import numpy as np
 
-# Elements of one attention score block (B*H*Tq_block*Tk). Big enough for efficient GEMMs,
-# small enough to stay far below the full (B, H, T, T) matrix.
+# Elements of one attention score block (B*H*Tq_block*Tk) at most: far below the full
+# (B, H, T, T) matrix. Blocks are also at most ~T/8 rows so that skipping the keys above the
+# diagonal saves ~40 % of the work.
 ATTN_BLOCK_ELEMS = 1 << 22
+ATTN_MIN_ROWS = 32
+
+
+# --------------------------------------------------------------------------- BLAS threads
+
+# GEMMs with fewer multiply-adds (per matrix product) than this run on one BLAS thread: for
+# small shapes the threads' start/stop costs more than they save, and on a busy machine
+# OpenBLAS's spinning threads made a (512, 64) x (64, 64) GEMM 100x slower (stories260K's
+# whole forward is small GEMMs).
+SMALL_GEMM_MACS = 1 << 25
+
+
+class _OpenBLAS:
+    """numpy's bundled OpenBLAS thread count through ctypes; a no-op when not found."""
+
+    def __init__(self):
+        self.get = self.set = None
+        libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                      "*openblas*.so*"))
+        for lib in libs:
+            try:
+                dll = ctypes.CDLL(lib)
+            except OSError:
+                continue
+            for pre in ("scipy_openblas_", "openblas_"):
+                for suf in ("64_", "_64_", ""):
+                    g = getattr(dll, f"{pre}get_num_threads{suf}", None)
+                    st = getattr(dll, f"{pre}set_num_threads{suf}", None)
+                    if g is not None and st is not None:
+                        g.restype, st.argtypes = ctypes.c_int, [ctypes.c_int]
+                        self.get, self.set = g, st
+                        return
+
+
+_BLAS = None
+
+
+@contextlib.contextmanager
+def _blas_threads_for(macs):
+    """One BLAS thread inside the block when the GEMM work is small."""
+    global _BLAS
+    if macs >= SMALL_GEMM_MACS:
+        yield
+        return
+    if _BLAS is None:
+        _BLAS = _OpenBLAS()
+    n = _BLAS.get() if _BLAS.get is not None else 1
+    if n <= 1:
+        yield
+        return
+    _BLAS.set(1)
+    try:
+        yield
+    finally:
+        _BLAS.set(n)
+
+
+def matmul(a, b):
+    """np.matmul on one BLAS thread when each matrix product is small (SMALL_GEMM_MACS)."""
+    with _blas_threads_for(a.shape[-2] * a.shape[-1] * b.shape[-1]):
+        return np.matmul(a, b)
 
 
 # --------------------------------------------------------------------------- linear
@@ -23,14 +89,14 @@ ATTN_BLOCK_ELEMS = 1 << 22
 def linear_forward(x, w):
     """y = x @ w.T with w in HF orientation (out, in). x (..., in) -> (..., out)."""
     lead = x.shape[:-1]
-    y = x.reshape(-1, x.shape[-1]) @ w.T  # (N, out)
+    y = matmul(x.reshape(-1, x.shape[-1]), w.T)  # (N, out)
     return y.reshape(*lead, w.shape[0])
 
 
 def linear_backward(dy, w):
     """dx = dy @ w. dy (..., out) -> (..., in). No weight gradient."""
     lead = dy.shape[:-1]
-    dx = dy.reshape(-1, dy.shape[-1]) @ w  # (N, in)
+    dx = matmul(dy.reshape(-1, dy.shape[-1]), w)  # (N, in)
     return dx.reshape(*lead, w.shape[1])
 
 
@@ -111,7 +177,8 @@ def rope_backward(dy, cos, sin):
 # --------------------------------------------------------------------------- attention
 
 def _block_rows(b, h, tq, tk):
-    return max(16, min(tq, ATTN_BLOCK_ELEMS // max(1, b * h * tk)))
+    fit = ATTN_BLOCK_ELEMS // max(1, b * h * tk)
+    return min(tq, max(ATTN_MIN_ROWS, min(fit, -(-tq // 8))))
 
 
 def _causal_bias(n, dtype):
@@ -139,14 +206,14 @@ def attention_forward(q, k, v):
         e = min(s + blk, tq)
         n, kend = e - s, off + e
         qb = np.multiply(q[:, :, :, s:e], scale).reshape(b, kvh, g * n, hd)  # (B, KVH, G*n, hd)
-        sc = np.matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        sc = matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         sc5 = sc.reshape(b, kvh, g, n, kend)
         sc5[..., off + s:kend] += _causal_bias(n, q.dtype)
         m = sc.max(axis=-1, keepdims=True)  # (B, KVH, G*n, 1)
         sc -= m
         np.exp(sc, out=sc)
         l = sc.sum(axis=-1, keepdims=True)  # (B, KVH, G*n, 1)
-        ob = np.matmul(sc, v[:, :, :kend])  # (B, KVH, G*n, hd)
+        ob = matmul(sc, v[:, :, :kend])  # (B, KVH, G*n, hd)
         ob /= l
         out[:, :, :, s:e] = ob.reshape(b, kvh, g, n, hd)
         lse[:, :, :, s:e] = (m + np.log(l)).reshape(b, kvh, g, n)
@@ -173,18 +240,18 @@ def attention_backward(dout, q, k, v, out, lse):
         n, kend = e - s, off + e
         qb = np.multiply(q[:, :, :, s:e], scale).reshape(b, kvh, g * n, hd)  # (B, KVH, G*n, hd)
         dob = np.ascontiguousarray(dout[:, :, :, s:e]).reshape(b, kvh, g * n, hd)
-        p = np.matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        p = matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         p5 = p.reshape(b, kvh, g, n, kend)
         p5[..., off + s:kend] += _causal_bias(n, q.dtype)
         p5 -= lse[:, :, :, s:e, None]
         np.exp(p, out=p)  # probabilities
-        dv[:, :, :kend] += np.matmul(p.swapaxes(-1, -2), dob)  # (B, KVH, kend, hd)
-        dp = np.matmul(dob, v[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        dv[:, :, :kend] += matmul(p.swapaxes(-1, -2), dob)  # (B, KVH, kend, hd)
+        dp = matmul(dob, v[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         dp5 = dp.reshape(b, kvh, g, n, kend)
         dp5 -= delta[:, :, :, s:e, None]
         dp *= p  # dS = P * (dP - delta)
-        dq[:, :, :, s:e] = (np.matmul(dp, k[:, :, :kend]) * scale).reshape(b, kvh, g, n, hd)
-        dk[:, :, :kend] += np.matmul(dp.swapaxes(-1, -2), qb)  # S = qb k^T: scale is in qb
+        dq[:, :, :, s:e] = (matmul(dp, k[:, :, :kend]) * scale).reshape(b, kvh, g, n, hd)
+        dk[:, :, :kend] += matmul(dp.swapaxes(-1, -2), qb)  # S = qb k^T: scale is in qb
     return dq, dk, dv
 
 
