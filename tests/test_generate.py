@@ -26,8 +26,14 @@ def test_greedy_matches_transformers(stories, stories_dir, text):
     # eos_token_id=None: both sides generate exactly GREEDY_TOKENS tokens
     gc = transformers.GenerationConfig(max_new_tokens=GREEDY_TOKENS, do_sample=False,
                                        eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), generation_config=gc)[0, len(prompt):].tolist()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: thread hand-offs cost more than they save
+    try:
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), generation_config=gc)[0, len(prompt):]
+    finally:
+        torch.set_num_threads(threads)
+    ref = ref.tolist()
     assert len(ref) == GREEDY_TOKENS
     ours = stories.generate(prompt, GREEDY_TOKENS)
     assert ours == ref
