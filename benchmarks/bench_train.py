@@ -249,7 +249,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 5; quick 3)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for both (default 1: on a shared, oversubscribed CPU torch's OpenMP "
+                         "threads spin and its step time explodes)")
     ap.add_argument("--recompute", action="store_true", help="sasq: recompute activations per layer")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)

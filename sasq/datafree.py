@@ -49,8 +49,10 @@ def sample_windows(model, n_windows: int, seqlen: int, temperature: float = 1.0,
         raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
     cfg = getattr(model, "config", None)
     max_pos = getattr(cfg, "max_position_embeddings", None)
-    if max_pos is not None and seqlen > max_pos:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}")
+    # The last token is sampled from position seqlen-2's logits: seqlen - 1 positions are run.
+    if max_pos is not None and seqlen - 1 > max_pos:
+        raise ValueError(f"seqlen {seqlen} needs {seqlen - 1} positions, more than the model's "
+                         f"max_position_embeddings {max_pos}")
     if bos_id is None:
         tok = getattr(model, "tokenizer", None)
         bos_id = getattr(tok, "bos_id", None) if tok is not None else None
