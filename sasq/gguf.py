@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
+from tokenizers import processors
 
 from .gguf_dequant import KNOWN_UNSUPPORTED_SIZES, TYPE_NAMES, TYPE_SIZES, dequantize
 from .gguf_reader import read_gguf
@@ -197,11 +199,24 @@ def load_gguf(path, progress=False):
     """(HF config dict, {HF name: float32 np.ndarray}, sasq.tokenizer.Tokenizer or None)."""
     cfg, tensors, meta = load_gguf_tensors(path, progress=progress)
     tokenizer = None
-    if "tokenizer.ggml.model" in meta:
+    if _has_bpe_tokenizer(meta, path):
         from .tokenizer import Tokenizer
         tok, bos, eos, add_bos = gguf_hf_tokenizer(meta, path)
         tokenizer = Tokenizer.from_tokenizers(tok, bos_id=bos, eos_id=eos, add_bos=add_bos)
     return cfg, tensors, tokenizer
+
+
+def _has_bpe_tokenizer(meta, path) -> bool:
+    """True for a byte-level BPE vocabulary; other kinds (sentencepiece "llama", ...) load the weights
+    without a tokenizer and say so, rather than refusing the whole model."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        return False
+    if kind != "gpt2":
+        warnings.warn(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2' byte-level BPE); "
+                      f"loading without a tokenizer", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _write_json(path: Path, obj):
@@ -221,8 +236,14 @@ def convert_gguf(path, out_dir, progress=False) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt", "source": Path(path).name})
-    if "tokenizer.ggml.model" in meta:
+    if _has_bpe_tokenizer(meta, path):
         tok, bos, eos, add_bos = gguf_hf_tokenizer(meta, path)
+        if add_bos and bos is not None:
+            # transformers' fast tokenizer adds BOS only through a post-processor; sasq's Tokenizer
+            # encodes without special tokens and adds BOS itself, so this never doubles it there
+            bos_tok = meta["tokenizer.ggml.tokens"][bos]
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos_tok} $A", pair=f"{bos_tok} $A {bos_tok} $B", special_tokens=[(bos_tok, bos)])
         fd, tmp = tempfile.mkstemp(dir=out, prefix="tokenizer.json", suffix=".tmp")
         os.close(fd)
         tok.save(tmp)

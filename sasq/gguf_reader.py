@@ -208,4 +208,8 @@ def read_gguf(path, type_sizes) -> GGUFFile:
             bad(f"data [{start}, {start + nbytes}) runs past the end of the {size}-byte file "
                 f"(truncated or lying offset/size)")
         tensors[name] = TensorInfo(name, tuple(int(d) for d in reversed(dims)), gtype, start, nbytes)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ValueError(f"{path}: malformed GGUF: tensor {n1!r} overlaps the data of tensor {n0!r}")
     return GGUFFile(path, version, metadata, tensors, alignment, data_start, mm)

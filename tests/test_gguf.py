@@ -286,6 +286,7 @@ def test_valid_forgery_baseline(tmp_path):
     ("duplicate", "duplicate tensor"),
     ("lying_string", "truncated or lying"),
     ("lying_array", "truncated or lying"),
+    ("overlap", "overlaps"),
 ])
 def test_malformed(tmp_path, case, match):
     kv, tensors = _valid_parts()
@@ -308,6 +309,7 @@ def test_malformed(tmp_path, case, match):
         "duplicate": lambda: gguf_bytes(kv, [tensors[0], tensors[0]]),
         "lying_string": lambda: good.replace(struct.pack("<Q", 20) + b"general.architecture",
                                              struct.pack("<Q", 2 ** 50) + b"general.architecture"),
+        "overlap": lambda: gguf_bytes(kv, tensors, offsets=[None, 0]),
         "lying_array": lambda: good.replace(struct.pack("<IQ", 8, 2), struct.pack("<IQ", 8, 2 ** 55)),
     }[case]()
     assert data != good
@@ -496,6 +498,19 @@ def test_convert_and_load_agree(tmp_path):
     np.testing.assert_allclose(la, lt, atol=LOGIT_ATOL, rtol=0)
     tt = transformers.AutoTokenizer.from_pretrained(out)
     assert tt("abc ab cd", add_special_tokens=False)["input_ids"] == a.tokenizer.encode("abc ab cd", add_bos=False)
+    assert tt("abc ab cd")["input_ids"] == a.tokenizer.encode("abc ab cd") == b.tokenizer.encode("abc ab cd")
+    assert a.tokenizer.encode("abc")[:2] == [1, TOKENS.index("abc")]     # add_bos from the metadata
+
+
+def test_sentencepiece_vocab_loads_without_tokenizer(tmp_path):
+    from sasq.gguf import load_gguf
+    p = tiny_gguf(tmp_path / "t.gguf", hf_tiny_weights(), kv_extra=[])
+    data = p.read_bytes().replace(_s("tokenizer.ggml.model") + struct.pack("<I", 8) + _s("gpt2"),
+                                  _s("tokenizer.ggml.model") + struct.pack("<I", 8) + _s("llam"))
+    p.write_bytes(data)
+    with pytest.warns(RuntimeWarning, match="'llam' is not supported"):
+        cfg, tensors, tok = load_gguf(p)
+    assert tok is None and len(tensors) == 2 + 9 * CFG["layers"]  # tied: no lm_head
 
 
 def test_convert_cli_bad_file(tmp_path):
