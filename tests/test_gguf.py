@@ -520,3 +520,29 @@ def test_convert_cli_bad_file(tmp_path):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "junk.gguf" in lines[0] and "bad magic" in lines[0]
+
+
+def test_fuzzed_files_fail_cleanly(tmp_path):
+    """Random byte corruption or truncation: the reader either parses or raises ValueError."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    kv, tensors = _valid_parts()
+    good = gguf_bytes(kv, tensors)
+    p = tmp_path / "fuzz.gguf"
+
+    @hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+    @hypothesis.given(cut=st.integers(8, len(good)),
+                      flips=st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), max_size=4))
+    def check(cut, flips):
+        data = bytearray(good)
+        for i, v in flips:
+            data[i] = v
+        p.write_bytes(bytes(data[:cut]))
+        try:
+            f = read_gguf(p, SIZES)
+            for name, t in f.tensors.items():
+                if t.ggml_type in gd.TYPE_NAMES:
+                    gd.dequantize(f.tensor_bytes(name), t.ggml_type, t.shape)
+        except ValueError as e:
+            assert "fuzz.gguf" in str(e) or "ggml type" in str(e)
+    check()
