@@ -387,14 +387,13 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     results.save()
 
     # ---- every other cell
+    # Bit-config major order: an interrupted run has whole bit configs (all methods side by side).
     cells = []
-    for method in cfg.methods:
-        if method == "fp32":
-            continue
-        bit_list = ["-"] if method in BITLESS else bits
-        objs = list(cfg.objectives) if method in TRAINED else ["-"]
-        for b in bit_list:
-            for o in objs:
+    for b in ["-"] + bits:
+        for method in cfg.methods:
+            if method == "fp32" or (method in BITLESS) != (b == "-"):
+                continue
+            for o in (list(cfg.objectives) if method in TRAINED else ["-"]):
                 cells.append((method, b, o))
     ckpt_dir = out / "checkpoints"
     for i, (method, b, obj) in enumerate(cells):
