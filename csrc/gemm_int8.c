@@ -88,7 +88,7 @@ typedef struct {
     const sasq_packed *p;
     int64_t m, nmb;       /* rows, row blocks */
     const int8_t *a;      /* original activations (scalar tier) */
-    const void *a_conv;   /* u8 (VNNI) or int16 (AVX2) copy, rows of kp */
+    const void *a_conv;   /* u8 tile-major (VNNI) or int16 rows of kp (AVX2) copy of a */
     int32_t *ci;          /* int32 output, or NULL */
     float *cf;            /* float output, or NULL */
     const float *comb;    /* a_scale * w_scales[n], padded to whole panels (float output) */
@@ -194,7 +194,9 @@ INLINE TARGET_VNNI __mmask16 edge_mask(int ncols, int j) {
 }
 
 /* Broadcast 4 activation bytes of row r at k-group g. */
-#define BCAST(r) _mm512_set1_epi32(load_u32(A + (r) * kp + 4 * g))
+/* A is packed tile-major: the 4 bytes of tile row r at k-group g sit at A + 24 g + 4 r, so a
+ * K block of a tile is one contiguous run (no row stride, no TLB or L1-set pressure). */
+#define BCAST(r) _mm512_set1_epi32(load_u32(A + (4 * MR_VNNI) * g + 4 * (r)))
 #define DP4(r)                                                                                   \
     do {                                                                                         \
         __m512i av_ = BCAST(r);                                                                  \
@@ -238,47 +240,81 @@ static inline uint32_t load_u32(const uint8_t *p) {
     return v;
 }
 
-/* 6 rows x 64 columns: 24 zmm accumulators that start at -128 * rowsum(W). Rows >= mr of A are
- * zero padding (the activation buffer is allocated in whole tiles) and are not stored. */
-TARGET_VNNI static void vnni_tile6(int mr, const uint8_t *A, int64_t kp, const int8_t *B,
-                                   const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
+/* Accumulators of one 6-row tile live in registers for one K block; between K blocks they park in
+ * the task's scratch (row r at acc + 64 r). The first block starts them at -128 * rowsum(W). */
+#define LOAD4(r)                                                                                 \
+    if (first) { c##r##0 = n0v; c##r##1 = n1v; c##r##2 = n2v; c##r##3 = n3v; }                  \
+    else {                                                                                       \
+        c##r##0 = _mm512_load_si512(acc + 64 * (r));                                             \
+        c##r##1 = _mm512_load_si512(acc + 64 * (r) + 16);                                        \
+        c##r##2 = _mm512_load_si512(acc + 64 * (r) + 32);                                        \
+        c##r##3 = _mm512_load_si512(acc + 64 * (r) + 48);                                        \
+    }
+#define PARK4(r)                                                                                 \
+    do {                                                                                         \
+        _mm512_store_si512(acc + 64 * (r), c##r##0);                                             \
+        _mm512_store_si512(acc + 64 * (r) + 16, c##r##1);                                        \
+        _mm512_store_si512(acc + 64 * (r) + 32, c##r##2);                                        \
+        _mm512_store_si512(acc + 64 * (r) + 48, c##r##3);                                        \
+    } while (0)
+#define NEG_CORR                                                                                 \
+    const __m512i z = _mm512_setzero_si512();                                                    \
+    const __m512i n0v = _mm512_sub_epi32(z, _mm512_load_si512(corr)),                            \
+                  n1v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 16)),                       \
+                  n2v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 32)),                       \
+                  n3v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 48))
+
+/* 6 rows x 64 columns, k-groups [g0, g1): 24 zmm accumulators. Rows >= mr of A are zero padding
+ * (the activation buffer is allocated in whole tiles) and are never stored. */
+TARGET_VNNI static void vnni_tile6(int mr, const uint8_t *A, const int8_t *B,
+                                   int64_t g0, int64_t g1, const int32_t *corr, int32_t *acc,
+                                   int first, int last, int32_t *ci, float *cf, int64_t ldc,
                                    const float *comb, int ncols) {
-    const __m512i z = _mm512_setzero_si512();
-    const __m512i n0v = _mm512_sub_epi32(z, _mm512_load_si512(corr)),
-                  n1v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 16)),
-                  n2v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 32)),
-                  n3v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 48));
-    INIT4(0); INIT4(1); INIT4(2); INIT4(3); INIT4(4); INIT4(5);
-    for (int64_t g = 0; g < kp / 4; g++) {
+    NEG_CORR;
+    __m512i c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33, c40,
+        c41, c42, c43, c50, c51, c52, c53;
+    LOAD4(0) LOAD4(1) LOAD4(2) LOAD4(3) LOAD4(4) LOAD4(5)
+    for (int64_t g = g0; g < g1; g++) {
         const int8_t *bg = B + g * (4 * SASQ_NR);
         __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
         __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
         DP4(0); DP4(1); DP4(2); DP4(3); DP4(4); DP4(5);
+    }
+    if (!last) {
+        PARK4(0); PARK4(1); PARK4(2); PARK4(3); PARK4(4); PARK4(5);
+        return;
     }
     STORE_PREP
     STORE4(0); STORE4(1); STORE4(2); STORE4(3); STORE4(4); STORE4(5);
 }
 
 /* 1 row x 64 columns (decode, M = 1): memory-bound, 4 chains suffice. */
-TARGET_VNNI static void vnni_tile1(const uint8_t *A, int64_t kp, const int8_t *B,
-                                   const int32_t *corr, int32_t *ci, float *cf, int64_t ldc,
+TARGET_VNNI static void vnni_tile1(const uint8_t *A, const int8_t *B, int64_t g0,
+                                   int64_t g1, const int32_t *corr, int32_t *acc, int first,
+                                   int last, int32_t *ci, float *cf, int64_t ldc,
                                    const float *comb, int ncols) {
     const int mr = 1;
-    const __m512i z = _mm512_setzero_si512();
-    const __m512i n0v = _mm512_sub_epi32(z, _mm512_load_si512(corr)),
-                  n1v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 16)),
-                  n2v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 32)),
-                  n3v = _mm512_sub_epi32(z, _mm512_load_si512(corr + 48));
-    INIT4(0);
-    for (int64_t g = 0; g < kp / 4; g++) {
+    NEG_CORR;
+    __m512i c00, c01, c02, c03;
+    LOAD4(0)
+    for (int64_t g = g0; g < g1; g++) {
         const int8_t *bg = B + g * (4 * SASQ_NR);
         __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
         __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
         DP4(0);
     }
+    if (!last) {
+        PARK4(0);
+        return;
+    }
     STORE_PREP
     STORE4(0);
 }
+
+/* K is cut into blocks of KC_GROUPS k-groups so that the block's slice of the weight panel
+ * (64 x 4 * KC_GROUPS bytes = 16 KiB) stays in L1 while every 6-row tile of the task uses it; a
+ * full-K panel (256 KiB at K = 4096) would be re-read from L2 by each tile. */
+#define KC_GROUPS 64
 
 TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
     const job_t *J = vctx;
@@ -287,17 +323,34 @@ TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
     int64_t m0 = mb * MC, m1 = m0 + MC < J->m ? m0 + MC : J->m;
     const int8_t *B = P->data + pn * P->kp * SASQ_NR;
     const int32_t *corr = P->corr + pn * SASQ_NR;
-    int64_t n0 = pn * SASQ_NR;
+    int64_t n0 = pn * SASQ_NR, ng = P->kp / 4;
     int ncols = P->n - n0 < SASQ_NR ? (int)(P->n - n0) : SASQ_NR;
     const uint8_t *A = J->a_conv;
-    for (int64_t i = m0; i < m1; i += MR_VNNI) {
-        int mr = m1 - i < MR_VNNI ? (int)(m1 - i) : MR_VNNI;
-        const uint8_t *Ai = A + i * P->kp;
-        int32_t *ci = J->ci ? J->ci + i * P->n + n0 : NULL;
-        float *cf = J->cf ? J->cf + i * P->n + n0 : NULL;
-        const float *comb = J->comb ? J->comb + n0 : NULL;
-        if (mr == 1) vnni_tile1(Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols);
-        else vnni_tile6(mr, Ai, P->kp, B, corr, ci, cf, P->n, comb, ncols);
+    _Alignas(64) int32_t scratch[(MC + MR_VNNI) * SASQ_NR]; /* parked accumulators, 26 KiB */
+    for (int64_t g0 = 0; g0 < ng; g0 += KC_GROUPS) {
+        int64_t g1 = g0 + KC_GROUPS < ng ? g0 + KC_GROUPS : ng;
+        int first = g0 == 0, last = g1 == ng;
+        for (int64_t i = m0; i < m1; i += MR_VNNI) {
+            int mr = m1 - i < MR_VNNI ? (int)(m1 - i) : MR_VNNI;
+            const uint8_t *Ai = A + (i / MR_VNNI) * ng * (4 * MR_VNNI); /* m0 % 6 == 0 */
+            int32_t *acc = scratch + (i - m0) * SASQ_NR;
+            int32_t *ci = J->ci ? J->ci + i * P->n + n0 : NULL;
+            float *cf = J->cf ? J->cf + i * P->n + n0 : NULL;
+            const float *comb = J->comb ? J->comb + n0 : NULL;
+            /* pull the weight slice two K blocks ahead (16 KiB) into L2 while this block
+             * computes, each tile of the block fetching its share: on its own the first tile of
+             * a block would wait on memory for every line */
+            int64_t gp = g1 + KC_GROUPS;
+            if (gp < ng) {
+                int64_t span = (gp + KC_GROUPS < ng ? KC_GROUPS : ng - gp) * (4 * SASQ_NR);
+                int64_t ntile = (m1 - m0 + MR_VNNI - 1) / MR_VNNI, ti = (i - m0) / MR_VNNI;
+                int64_t lo = span * ti / ntile, hi = span * (ti + 1) / ntile;
+                for (int64_t off = lo & ~(int64_t)63; off < hi; off += 64)
+                    _mm_prefetch((const char *)(B + gp * (4 * SASQ_NR) + off), _MM_HINT_T1);
+            }
+            if (mr == 1) vnni_tile1(Ai, B, g0, g1, corr, acc, first, last, ci, cf, P->n, comb, ncols);
+            else vnni_tile6(mr, Ai, B, g0, g1, corr, acc, first, last, ci, cf, P->n, comb, ncols);
+        }
     }
 }
 #endif /* HAVE_X86 */
@@ -315,11 +368,17 @@ static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, in
 #if HAVE_X86
     if (isa == SASQ_ISA_AVX512VNNI) {
         /* rows padded to whole 6-row tiles; padding k: any value times a zero weight is 0 */
-        int64_t mpad = m + MR_VNNI;
-        uint8_t *u = calloc((size_t)(mpad * kp), 1);
+        /* tile-major u8 copy: [tile of 6 rows][k-group][row][4 bytes]; rows past m and k past K
+         * stay zero (any activation times a zero weight adds nothing) */
+        int64_t ng = kp / 4, ntiles = (m + MR_VNNI - 1) / MR_VNNI, tstride = ng * 4 * MR_VNNI;
+        uint8_t *u = calloc((size_t)(ntiles * tstride), 1);
         if (!u) return SASQ_ERR_NOMEM;
-        for (int64_t i = 0; i < m; i++)
-            for (int64_t kk = 0; kk < k; kk++) u[i * kp + kk] = (uint8_t)((int)a[i * k + kk] + 128);
+        for (int64_t i = 0; i < m; i++) {
+            uint8_t *dst = u + (i / MR_VNNI) * tstride + 4 * (i % MR_VNNI);
+            const int8_t *src = a + i * k;
+            for (int64_t kk = 0; kk < k; kk++)
+                dst[(kk / 4) * (4 * MR_VNNI) + (kk % 4)] = (uint8_t)((int)src[kk] + 128);
+        }
         conv = u;
         fn = task_vnni;
     } else if (isa == SASQ_ISA_AVX2) {
@@ -363,11 +422,17 @@ static double now_s(void) {
 }
 
 #if HAVE_X86
-/* 12 independent vpdpbusd chains (more than latency x throughput), no memory traffic. */
+/* 16 independent vpdpbusd chains (more than latency x throughput), no memory traffic. The asm
+ * barrier hides the chains' values from the compiler so it cannot merge identical chains. */
+#define PEAK_CHAINS 16
 TARGET_VNNI static int64_t peak_loop(int64_t iters, int32_t seed) {
     __m512i a = _mm512_set1_epi32(seed), b = _mm512_set1_epi32(seed ^ 0x01020304);
-    __m512i c0 = a, c1 = b, c2 = a, c3 = b, c4 = a, c5 = b, c6 = a, c7 = b, c8 = a, c9 = b,
-            c10 = a, c11 = b;
+    __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2),
+            c3 = _mm512_set1_epi32(3), c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5),
+            c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7), c8 = _mm512_set1_epi32(8),
+            c9 = _mm512_set1_epi32(9), c10 = _mm512_set1_epi32(10), c11 = _mm512_set1_epi32(11),
+            c12 = _mm512_set1_epi32(12), c13 = _mm512_set1_epi32(13), c14 = _mm512_set1_epi32(14),
+            c15 = _mm512_set1_epi32(15);
     for (int64_t i = 0; i < iters; i++) {
         c0 = _mm512_dpbusd_epi32(c0, a, b); c1 = _mm512_dpbusd_epi32(c1, a, b);
         c2 = _mm512_dpbusd_epi32(c2, a, b); c3 = _mm512_dpbusd_epi32(c3, a, b);
@@ -375,18 +440,24 @@ TARGET_VNNI static int64_t peak_loop(int64_t iters, int32_t seed) {
         c6 = _mm512_dpbusd_epi32(c6, a, b); c7 = _mm512_dpbusd_epi32(c7, a, b);
         c8 = _mm512_dpbusd_epi32(c8, a, b); c9 = _mm512_dpbusd_epi32(c9, a, b);
         c10 = _mm512_dpbusd_epi32(c10, a, b); c11 = _mm512_dpbusd_epi32(c11, a, b);
-        __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5));
+        c12 = _mm512_dpbusd_epi32(c12, a, b); c13 = _mm512_dpbusd_epi32(c13, a, b);
+        c14 = _mm512_dpbusd_epi32(c14, a, b); c15 = _mm512_dpbusd_epi32(c15, a, b);
+        __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5),
+                         "+v"(c6), "+v"(c7));
+        __asm__ volatile("" : "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11), "+v"(c12), "+v"(c13),
+                         "+v"(c14), "+v"(c15));
     }
     __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
                                  _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
     s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)));
+    s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(c12, c13), _mm512_add_epi32(c14, c15)));
     uint32_t lanes[16]; /* wrapping sum: _mm512_reduce_add_epi32 would overflow signed int */
     _mm512_storeu_si512(lanes, s);
     uint32_t r = 0;
     for (int i = 0; i < 16; i++) r += lanes[i];
     return (int64_t)r;
 }
-#define PEAK_OPS_PER_ITER (12.0 * 64.0 * 2.0) /* 12 instructions x 64 u8*s8 MACs x 2 ops */
+#define PEAK_OPS_PER_ITER (PEAK_CHAINS * 64.0 * 2.0) /* instructions x 64 u8*s8 MACs x 2 ops */
 
 typedef struct { int64_t iters; int64_t sink; } peak_job;
 static void peak_task(void *vctx, int64_t t) {
