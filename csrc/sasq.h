@@ -97,7 +97,9 @@ sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *
                                  const float *w_scales, float *y);
 
 /* Measurement helpers for the benchmark. */
-double sasq_peak_int8_gops(int threads, double seconds); /* 0 when VNNI is unavailable */
+/* int8 GOP/s of a register-only vpdpbusd loop on `threads` threads for ~`seconds`, by wall clock
+ * (returned) and by the threads' CPU time (*cpu_gops, may be NULL); 0 without VNNI. */
+double sasq_peak_int8_gops(int threads, double seconds, double *cpu_gops);
 int64_t sasq_stream_read(const sasq_packed *p);           /* reads every packed byte once */
 
 #endif /* SASQ_H */
