@@ -47,7 +47,7 @@ def _llamacpp_reference_tokenizer(smollm2):
     """transformers' own GGUF tokenizer (its vocab/merges/special-token handling), with the text split
     set to llama.cpp's regexes for tokenizer.ggml.pre = "smollm" (llama-vocab.cpp): first every digit
     alone, then GPT-2's split. transformers does not know the "smollm" name and would use GPT-2's split
-    alone, which groups whitespace before a digit differently (9 places in WikiText-2 test)."""
+    alone, which splits a whitespace run before a digit differently (e.g. ":\n\n\n 1" in WikiText-2)."""
     transformers = pytest.importorskip("transformers")
     from tokenizers import Regex, pre_tokenizers
     gguf, _ = smollm2
