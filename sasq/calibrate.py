@@ -7,6 +7,8 @@ SmoothQuant plans (a first pass computes those factors from per-channel absmax).
 
 Methods, per element group sharing one scale (a channel, a KV channel for tied o_in, or the tensor):
 - "absmax_mean": s = mean over windows of (per-window absmax) / qmax  (the SASQ paper's init)
+- "absmax":      s = max over windows of absmax / qmax  (classic static absmax: never clips the
+                 calibration data; per channel the mean of few windows clips sparse channels hard)
 - "percentile":  s = mean over windows of (per-window `percentile` of |x|) / qmax
 - "mse":         s = r* x mean absmax / qmax, r* in a grid over [0.3, 1] minimising the summed
                  fake-quantization squared error (each window quantized with r x its own absmax).
@@ -25,7 +27,7 @@ from .quant import TRUNC_INIT, QuantModel
 from .quant_hooks import qmax_of
 from .smoothquant import apply_smoothing
 
-METHODS = ("absmax_mean", "percentile", "mse")
+METHODS = ("absmax_mean", "absmax", "percentile", "mse")
 MSE_RATIOS = np.linspace(0.3, 1.0, 29)
 MIN_SCALE = 1e-8
 
@@ -133,7 +135,7 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
         def stat(c, key):
             a = np.abs(c)
             amax = a.max(axis=0)
-            if method == "absmax_mean":
+            if method in ("absmax_mean", "absmax"):
                 return amax
             if method == "percentile":
                 return np.percentile(a, percentile, axis=0)
@@ -158,6 +160,8 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
                 ratio = MSE_RATIOS[np.argmin(np.sum([v[1] for v in vals], axis=0), axis=0)]
                 ratio = np.where(qm > 0, ratio, 1.0)
                 stat_v = ratio * amax
+            elif method == "absmax":
+                stat_v = np.max(vals, axis=0)
             else:
                 stat_v = np.mean(vals, axis=0)
             s = np.maximum(stat_v / (qm if qm else 1), MIN_SCALE)
