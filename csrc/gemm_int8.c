@@ -288,7 +288,8 @@ TARGET_VNNI static void vnni_tile6(int mr, const uint8_t *A, const int8_t *B,
     STORE4(0); STORE4(1); STORE4(2); STORE4(3); STORE4(4); STORE4(5);
 }
 
-/* 1 row x 64 columns (decode, M = 1): memory-bound, 4 chains suffice. */
+/* 1 row x 64 columns (decode, M = 1): memory-bound. Two accumulator sets (even / odd k-groups)
+ * keep 8 loads in flight per step; they are summed before parking or storing. */
 TARGET_VNNI static void vnni_tile1(const uint8_t *A, const int8_t *B, int64_t g0,
                                    int64_t g1, const int32_t *corr, int32_t *acc, int first,
                                    int last, int32_t *ci, float *cf, int64_t ldc,
@@ -297,12 +298,30 @@ TARGET_VNNI static void vnni_tile1(const uint8_t *A, const int8_t *B, int64_t g0
     NEG_CORR;
     __m512i c00, c01, c02, c03;
     LOAD4(0)
-    for (int64_t g = g0; g < g1; g++) {
+    __m512i e0 = z, e1 = z, e2 = z, e3 = z;
+    int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) {
+        const int8_t *bg = B + g * (4 * SASQ_NR);
+        __m512i av = BCAST(0), aw = _mm512_set1_epi32(load_u32(A + (4 * MR_VNNI) * (g + 1)));
+        c00 = _mm512_dpbusd_epi32(c00, av, _mm512_load_si512(bg));
+        c01 = _mm512_dpbusd_epi32(c01, av, _mm512_load_si512(bg + 64));
+        c02 = _mm512_dpbusd_epi32(c02, av, _mm512_load_si512(bg + 128));
+        c03 = _mm512_dpbusd_epi32(c03, av, _mm512_load_si512(bg + 192));
+        e0 = _mm512_dpbusd_epi32(e0, aw, _mm512_load_si512(bg + 256));
+        e1 = _mm512_dpbusd_epi32(e1, aw, _mm512_load_si512(bg + 320));
+        e2 = _mm512_dpbusd_epi32(e2, aw, _mm512_load_si512(bg + 384));
+        e3 = _mm512_dpbusd_epi32(e3, aw, _mm512_load_si512(bg + 448));
+    }
+    for (; g < g1; g++) {
         const int8_t *bg = B + g * (4 * SASQ_NR);
         __m512i b0 = _mm512_load_si512(bg), b1 = _mm512_load_si512(bg + 64);
         __m512i b2 = _mm512_load_si512(bg + 128), b3 = _mm512_load_si512(bg + 192);
         DP4(0);
     }
+    c00 = _mm512_add_epi32(c00, e0);
+    c01 = _mm512_add_epi32(c01, e1);
+    c02 = _mm512_add_epi32(c02, e2);
+    c03 = _mm512_add_epi32(c03, e3);
     if (!last) {
         PARK4(0);
         return;
@@ -327,8 +346,10 @@ TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
     int ncols = P->n - n0 < SASQ_NR ? (int)(P->n - n0) : SASQ_NR;
     const uint8_t *A = J->a_conv;
     _Alignas(64) int32_t scratch[(MC + MR_VNNI) * SASQ_NR]; /* parked accumulators, 26 KiB */
-    for (int64_t g0 = 0; g0 < ng; g0 += KC_GROUPS) {
-        int64_t g1 = g0 + KC_GROUPS < ng ? g0 + KC_GROUPS : ng;
+    /* a single tile reuses nothing across tiles: one K block, no parking */
+    const int64_t kcg = m1 - m0 <= MR_VNNI ? ng : KC_GROUPS;
+    for (int64_t g0 = 0; g0 < ng; g0 += kcg) {
+        int64_t g1 = g0 + kcg < ng ? g0 + kcg : ng;
         int first = g0 == 0, last = g1 == ng;
         for (int64_t i = m0; i < m1; i += MR_VNNI) {
             int mr = m1 - i < MR_VNNI ? (int)(m1 - i) : MR_VNNI;
@@ -341,7 +362,7 @@ TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
              * computes, each tile of the block fetching its share: on its own the first tile of
              * a block would wait on memory for every line */
             int64_t gp = g1 + KC_GROUPS;
-            if (gp < ng) {
+            if (gp < ng && m1 - m0 > MR_VNNI) { /* one tile streams: hardware prefetch suffices */
                 int64_t span = (gp + KC_GROUPS < ng ? KC_GROUPS : ng - gp) * (4 * SASQ_NR);
                 int64_t ntile = (m1 - m0 + MR_VNNI - 1) / MR_VNNI, ti = (i - m0) / MR_VNNI;
                 int64_t lo = span * ti / ntile, hi = span * (ti + 1) / ntile;
