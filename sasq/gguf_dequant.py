@@ -6,6 +6,8 @@ Block layouts (ggml-common.h; all little-endian, d/m/dmin are float16):
     Q5_0  32 elems, 22 B: d, qh u32, qs[16]  5th bit of x[j] is bit j of qh; q - 16
     Q5_1  32 elems, 24 B: d, m, qh, qs[16]   x = d*q + m
     Q8_0  32 elems, 34 B: d, qs[32] int8     x = d*q
+    Q2_K 256 elems, 84 B: scales[16] (low nibble scale, high nibble min), qs[64] (2-bit), d, dmin
+    Q3_K 256 elems, 110 B: hmask[32], qs[64] (low 2 bits), scales[12] (16 x 6-bit, minus 32), d
     Q4_K 256 elems, 144 B: d, dmin, scales[12] (8 x (6-bit scale, 6-bit min)), qs[128]
     Q5_K 256 elems, 176 B: d, dmin, scales[12], qh[32], qs[128]
     Q6_K 256 elems, 210 B: ql[128], qh[64], scales[16] int8, d
@@ -16,20 +18,21 @@ from __future__ import annotations
 import numpy as np
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q4_K, Q5_K, Q6_K, BF16 = 12, 13, 14, 30
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, BF16 = 10, 11, 12, 13, 14, 30
 
 TYPE_NAMES = {F32: "F32", F16: "F16", BF16: "BF16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q5_0: "Q5_0",
-              Q5_1: "Q5_1", Q8_0: "Q8_0", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
+              Q5_1: "Q5_1", Q8_0: "Q8_0", Q2_K: "Q2_K", Q3_K: "Q3_K", Q4_K: "Q4_K", Q5_K: "Q5_K", Q6_K: "Q6_K"}
 
 # ggml_type -> (elements per block, bytes per block)
 TYPE_SIZES = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20),
-              Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176),
+              Q5_0: (32, 22), Q5_1: (32, 24), Q8_0: (32, 34), Q2_K: (256, 84), Q3_K: (256, 110),
+              Q4_K: (256, 144), Q5_K: (256, 176),
               Q6_K: (256, 210)}
 
 # Sizes of types we list but cannot decode, so the reader can still bounds-check their data.
-KNOWN_UNSUPPORTED_SIZES = {9: (32, 36), 10: (256, 84), 11: (256, 110), 15: (256, 292),
+KNOWN_UNSUPPORTED_SIZES = {9: (32, 36), 15: (256, 292),
                            24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8)}
-KNOWN_UNSUPPORTED_NAMES = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 24: "I8", 25: "I16",
+KNOWN_UNSUPPORTED_NAMES = {9: "Q8_1", 15: "Q8_K", 24: "I8", 25: "I16",
                            26: "I32", 27: "I64", 28: "F64"}
 
 
@@ -68,6 +71,42 @@ def _q5_1(b):
 
 def _q8_0(b):
     return _f16(b, 0) * b[:, 2:34].view(np.int8).astype(np.float32)
+
+
+def _crumbs(qs):
+    """(n, 64) bytes of 2-bit values -> (n, 2, 4, 32): [half h, shift j, lane l] = (qs[32h+l] >> 2j) & 3,
+    the value of element 128h + 32j + l in Q2_K/Q3_K."""
+    q = qs.reshape(len(qs), 2, 1, 32)
+    return (q >> (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]) & 3
+
+
+def _q2_k(b):
+    n = len(b)
+    sc = b[:, 0:16].reshape(n, 2, 4, 2)                     # [half, shift, lane-group of 16]
+    d, dmin = _f16(b, 80)[:, :, None, None], _f16(b, 82)[:, :, None, None]
+    q = _crumbs(b[:, 16:80]).reshape(n, 2, 4, 2, 16).astype(np.float32)
+    y = (d * (sc & 0x0F))[..., None] * q - (dmin * (sc >> 4))[..., None]
+    return y.reshape(n, 256)
+
+
+def _q3_k_scales(sc):
+    """(n, 12) packed -> (n, 16) signed scales: low 4 bits of scale i from sc[i % 8] (nibble i // 8),
+    top 2 bits from sc[8 + i % 4] (bits 2*(i // 4)); stored with a +32 offset."""
+    i = np.arange(16)
+    lo = (sc[:, i % 8] >> (4 * (i // 8)).astype(np.uint8)) & 0x0F
+    hi = (sc[:, 8 + i % 4] >> (2 * (i // 4)).astype(np.uint8)) & 3
+    return (lo | (hi << 4)).astype(np.float32) - 32.0
+
+
+def _q3_k(b):
+    n = len(b)
+    hm = b[:, 0:32]                                         # bit 4h+j of hm[l]: high bit of element 128h+32j+l
+    hbit = (hm[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1   # (n, 8, 32)
+    q = _crumbs(b[:, 32:96]).astype(np.float32) - 4.0 * (1 - hbit.reshape(n, 2, 4, 32))
+    s = _q3_k_scales(b[:, 96:108]).reshape(n, 2, 4, 2)
+    d = _f16(b, 108)[:, :, None, None]
+    y = q.reshape(n, 2, 4, 2, 16) * (d * s)[..., None]
+    return y.reshape(n, 256)
 
 
 def _k_scales_mins(sc):
@@ -122,7 +161,7 @@ def _q6_k(b):
 
 
 _BLOCK_FNS = {Q4_0: _q4_0, Q4_1: _q4_1, Q5_0: _q5_0, Q5_1: _q5_1, Q8_0: _q8_0,
-              Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
+              Q2_K: _q2_k, Q3_K: _q3_k, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
 
 CHUNK_BLOCKS = 1 << 16  # bounds the temporaries of one step to a few tens of MB
 

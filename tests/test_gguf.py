@@ -20,7 +20,7 @@ DEQUANT_RTOL = 1e-6   # float32 evaluation order may differ from the float64 sca
 DEQUANT_ATOL = 1e-6
 LOGIT_ATOL = 1e-4     # sasq vs transformers, float32, tiny model
 
-BLOCK_TYPES = [gd.Q4_0, gd.Q4_1, gd.Q5_0, gd.Q5_1, gd.Q8_0, gd.Q4_K, gd.Q5_K, gd.Q6_K]
+BLOCK_TYPES = [gd.Q4_0, gd.Q4_1, gd.Q5_0, gd.Q5_1, gd.Q8_0, gd.Q2_K, gd.Q3_K, gd.Q4_K, gd.Q5_K, gd.Q6_K]
 
 
 # ---------------------------------------------------------------- scalar per-block references
@@ -49,6 +49,26 @@ def ref_block(b, t):
         d = _h(b, 0)
         for j in range(32):
             y[j] = d * (b[2 + j] - 256 if b[2 + j] > 127 else b[2 + j])
+    elif t == gd.Q2_K:
+        sc, qs, d, dmin = b[0:16], b[16:80], _h(b, 80), _h(b, 82)
+        for h in range(2):                      # halves of 128: 32 bytes of qs, 4 shifts of 2 bits
+            for j in range(4):
+                for l in range(32):
+                    s = sc[8 * h + 2 * j + l // 16]
+                    y[128 * h + 32 * j + l] = d * (s & 15) * ((qs[32 * h + l] >> (2 * j)) & 3) - dmin * (s >> 4)
+    elif t == gd.Q3_K:
+        hm, qs, sc, d = b[0:32], b[32:96], b[96:108], _h(b, 108)
+        a = list(struct.unpack("<3I", bytes(sc)))  # ggml's aux-word unpacking of the 16 6-bit scales
+        k1, k2, tmp = 0x03030303, 0x0F0F0F0F, a[2]
+        words = [(a[0] & k2) | (((tmp >> 0) & k1) << 4), (a[1] & k2) | (((tmp >> 2) & k1) << 4),
+                 ((a[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4), ((a[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4)]
+        scales = [v - 32 for v in struct.unpack("<16B", struct.pack("<4I", *words))]
+        for h in range(2):
+            for j in range(4):
+                m = 1 << (4 * h + j)
+                for l in range(32):
+                    q = ((qs[32 * h + l] >> (2 * j)) & 3) - (0 if hm[l] & m else 4)
+                    y[128 * h + 32 * j + l] = d * scales[8 * h + 2 * j + l // 16] * q
     elif t in (gd.Q4_K, gd.Q5_K):
         d, dmin, sc = _h(b, 0), _h(b, 2), b[4:16]
 
@@ -90,7 +110,7 @@ def random_blocks(t, n, seed=0):
     _, nb = gd.TYPE_SIZES[t]
     raw = rng.integers(0, 256, size=(n, nb), dtype=np.uint8)
     f16_at = {gd.Q4_0: [0], gd.Q4_1: [0, 2], gd.Q5_0: [0], gd.Q5_1: [0, 2], gd.Q8_0: [0],
-              gd.Q4_K: [0, 2], gd.Q5_K: [0, 2], gd.Q6_K: [208]}[t]
+              gd.Q2_K: [80, 82], gd.Q3_K: [108], gd.Q4_K: [0, 2], gd.Q5_K: [0, 2], gd.Q6_K: [208]}[t]
     for off in f16_at:
         vals = rng.uniform(-2, 2, size=n).astype(np.float16)
         raw[:, off:off + 2] = vals.view(np.uint8).reshape(n, 2)
@@ -137,8 +157,8 @@ def test_float_types():
 
 
 def test_unsupported_type_is_named():
-    with pytest.raises(ValueError, match="Q2_K"):
-        gd.dequantize(np.zeros(84, np.uint8), 10, (1, 256))
+    with pytest.raises(ValueError, match="Q8_K"):
+        gd.dequantize(np.zeros(292, np.uint8), 15, (1, 256))
 
 
 # ---------------------------------------------------------------- a GGUF writer with lies on demand
