@@ -378,6 +378,18 @@ TARGET_VNNI static void task_vnni(void *vctx, int64_t t) {
 
 /* ---------------------------------------------------------------- driver */
 
+/* VNNI activation copy: a + 128 as u8, tile-major [tile][k-group][row][4]. */
+typedef struct { const int8_t *a; uint8_t *u; int64_t m, k, tstride; } conv_job;
+static void conv_task(void *vctx, int64_t tile) {
+    const conv_job *C = vctx;
+    for (int64_t i = tile * MR_VNNI; i < C->m && i < (tile + 1) * MR_VNNI; i++) {
+        uint8_t *dst = C->u + tile * C->tstride + 4 * (i % MR_VNNI);
+        const int8_t *src = C->a + i * C->k;
+        for (int64_t kk = 0; kk < C->k; kk++)
+            dst[(kk / 4) * (4 * MR_VNNI) + (kk % 4)] = (uint8_t)((int)src[kk] + 128);
+    }
+}
+
 static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, int32_t *ci,
                             float *cf, const float *comb) {
     if (m <= 0 || !p->data) return SASQ_ERR_ARG;
@@ -388,18 +400,13 @@ static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, in
     const int64_t kp = p->kp, k = p->k;
 #if HAVE_X86
     if (isa == SASQ_ISA_AVX512VNNI) {
-        /* rows padded to whole 6-row tiles; padding k: any value times a zero weight is 0 */
         /* tile-major u8 copy: [tile of 6 rows][k-group][row][4 bytes]; rows past m and k past K
          * stay zero (any activation times a zero weight adds nothing) */
         int64_t ng = kp / 4, ntiles = (m + MR_VNNI - 1) / MR_VNNI, tstride = ng * 4 * MR_VNNI;
         uint8_t *u = calloc((size_t)(ntiles * tstride), 1);
         if (!u) return SASQ_ERR_NOMEM;
-        for (int64_t i = 0; i < m; i++) {
-            uint8_t *dst = u + (i / MR_VNNI) * tstride + 4 * (i % MR_VNNI);
-            const int8_t *src = a + i * k;
-            for (int64_t kk = 0; kk < k; kk++)
-                dst[(kk / 4) * (4 * MR_VNNI) + (kk % 4)] = (uint8_t)((int)src[kk] + 128);
-        }
+        conv_job cj = {a, u, m, k, tstride};
+        sasq_parallel_for(ntiles, conv_task, &cj); /* one tile (6 rows) per task */
         conv = u;
         fn = task_vnni;
     } else if (isa == SASQ_ISA_AVX2) {
