@@ -148,6 +148,9 @@ class QuantPlan:
         if self.kv_bits:
             bits += f"KV{self.kv_bits}"
         if self.a_bits is None:
+            if self.kv_bits:
+                kvg = "per-channel" if self.granularity == "channel" else "per-tensor"
+                return f"{bits} static {kvg} KV only"
             return bits + " weight-only"
         if self.mode == "dynamic":
             how = "dynamic per-token"
@@ -180,10 +183,17 @@ def quantize_weight(w: np.ndarray, bits: int):
 
 
 def fake_quant_weight(w: np.ndarray, bits: int | None) -> np.ndarray:
+    """Q(w) = scale * clamp(rint(w / scale)) per output row; same numbers as quantize_weight."""
     if bits is None:
         return w
-    q, scale = quantize_weight(w, bits)
-    return (q.astype(w.dtype) * scale[:, None]).astype(w.dtype)
+    qm = qmax_of(bits)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / qm, 1).astype(w.dtype)[:, None]
+    out = np.divide(w, scale)          # in place from here on: big matrices, every sync
+    np.rint(out, out=out)
+    np.clip(out, -qm, qm, out=out)
+    out *= scale
+    return out
 
 
 def _expand_kv(v: np.ndarray, n_heads: int, n_kv: int, hd: int) -> np.ndarray:
@@ -430,11 +440,15 @@ class QuantModel:
         self._check_ready()
         self.hook.saved.clear()
         self.hook.record = True
+        # recompute=True re-runs each decoder layer (and its hook) before its backward: keep
+        # only the head_in input now
+        self.hook.record_from = self.n_layers if recompute else 0
         try:
             return self.deploy.forward_tape(ids, hook=self.hook, recompute=recompute,
                                             compute_logits=compute_logits)
         finally:
             self.hook.record = False
+            self.hook.record_from = 0
 
     def backward(self, tape, dlogits=None, *, dhidden=None):
         """Activation backward through the fake-quant model (dlogits (B, T, V), or dhidden at the
@@ -468,6 +482,20 @@ class QuantModel:
         for st in self.hook.sites.values():
             if st.scale_key is not None:
                 out[st.key] = np.array(self._value(st.scale_key))
+        return out
+
+    def deployed_scales(self) -> dict[str, np.ndarray]:
+        """Per static site: the scale the deployed integer model applies to the site input as it
+        arrives in `deploy` (the folded model): a scalar s for per-tensor sites, 1.0 for folded
+        per-channel sites (s lives in `deploy`'s weights and norms), a (channels,) vector for fake
+        per-channel sites (not an integer GEMM) and KV sites (v_cache: s_v / o_in fold)."""
+        out = {}
+        for st in self.hook.sites.values():
+            if st.kind != "static":
+                continue
+            v = st.s_vec
+            out[st.key] = np.asarray(v[0] if np.all(v == v[0]) and (
+                st.folded or self.params[st.scale_key].ndim == 0) else v.copy())
         return out
 
     def state_dict(self) -> dict[str, np.ndarray]:

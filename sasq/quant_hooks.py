@@ -111,13 +111,14 @@ class SiteHook:
         self.sites: dict[tuple[int, str], SiteState] = {}
         self.saved: dict[tuple[int, str], np.ndarray] = {}
         self.record = False                     # keep site inputs for backward (training only)
+        self.record_from = 0                    # ... of layers >= record_from (recompute: head only)
 
     # ---- forward -----------------------------------------------------------------------
     def forward(self, layer: int, site: str, x):
         st = self.sites.get((layer, site))
         if st is None:
             return x
-        if self.record:
+        if self.record and layer >= self.record_from:
             self.saved[(layer, site)] = x
         if st.kind == "dynamic":
             return dynamic_forward(x, st.bits)

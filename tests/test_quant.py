@@ -415,3 +415,14 @@ def test_state_dict_roundtrip(model, ids):
     with pytest.raises(ValueError, match="shape"):
         q2.load_state_dict(dict(d, **{k: np.zeros(3)}))
     assert set(q.scales()) == {st.key for st in q.site_states()}
+
+
+def test_deployed_scales(model, ids):
+    q = calibrate(quantize(model, QuantPlan(8, 8, granularity="channel", kv_bits=8)), ids,
+                  progress=False)
+    d = q.deployed_scales()
+    assert float(d["layers.0.attn_in"]) == 1.0 and d["layers.0.attn_in"].ndim == 0
+    f = q.folds["layers.1.o_in"]
+    np.testing.assert_allclose(d["layers.1.v_cache"], q.scales()["layers.1.v_cache"] / f)
+    qt = calibrate(quantize(model, QuantPlan(8, 8)), ids, progress=False)
+    np.testing.assert_allclose(qt.deployed_scales()["layers.0.o_in"], qt.scales()["layers.0.o_in"])
