@@ -22,7 +22,7 @@ per tensor (static, calibrated) or per token (dynamic).
 
 Parameters (`QuantModel.params`, model dtype, float32 for a float32 model):
   "<site>.log_scale" (param_space="log", default) or "<site>.scale" ("linear");
-  "<site>.rho" (truncation: t = sigmoid(rho) * c, c = s*qmax);
+  "<site>.rho" (truncation: t = sigmoid(rho) * c, c = s*qmax; projected into [-RHO_MAX, RHO_MAX]);
   control: "<site>.log_clip"/"<site>.clip" (c) and "<site>.log_gain"/"<site>.gain".
 Site keys: "layers.{i}.{attn_in|o_in|mlp_in|down_in|k_cache|v_cache}" and "head_in".
 """
@@ -40,6 +40,7 @@ LINEAR_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 KV_SITES = ("k_cache", "v_cache")
 HEAD_SITE = "head_in"
 TRUNC_INIT = 0.9      # truncation starts at t = 0.9 c: identity on the bulk
+RHO_MAX = 9.0         # sync() projects rho into [-9, 9]: 0 < t < c stays strict in float32
 WEIGHT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -320,6 +321,8 @@ class QuantModel:
                 raise ValueError(f"param {k} has non-finite values")
             if k not in self._log_keys and not k.endswith(".rho") and np.any(p <= 0):
                 raise ValueError(f"param {k} must be > 0 (linear-space scale)")
+            if k.endswith(".rho"):
+                np.clip(p, -RHO_MAX, RHO_MAX, out=p)
         folds: dict[str, np.ndarray] = {}   # site key -> divisor of x (fold shape)
         for st in self.hook.sites.values():
             if st.kind == "dynamic":

@@ -250,6 +250,10 @@ def test_truncation_site_sanity(model, ids):
     q.sync()
     y2 = q.hook.forward(0, "down_in", x)
     assert not np.array_equal(y, y2)
+    q.params["layers.0.down_in.rho"][...] = 40.0      # sigmoid == 1 in float: projected
+    q.sync()
+    assert q.params["layers.0.down_in.rho"] == 9.0
+    q.hook.forward(0, "down_in", x.astype(np.float32).astype(np.float64))
 
 
 def test_control_is_identity_with_open_clip(model, ids):
