@@ -171,7 +171,7 @@ def static_backward(x, g, st: SiteState, q):
         gc = np.asarray(gc, dtype=x.dtype)
         gs = gs + qm * (st.sig * gt + gc)                          # via c = s*qmax, t = sig*c
         grho = gt * st.sig * (1.0 - st.sig) * c                    # d t/d rho = sig' * c
-        _accumulate(q, st.rho_key, st.reduce(grho, q.params[st.rho_key].shape), x, st, qm)
+        _accumulate(q, st.rho_key, st.reduce(grho, q.params[st.rho_key].shape), x, st, 0)
     else:
         gx = gy
     gsx = gs * st.mult                                             # d/ds_exp (see module doc)
@@ -184,7 +184,8 @@ def static_backward(x, g, st: SiteState, q):
 
 
 def _accumulate(q, key, g, x, st, qm):
-    """Add g into q.grads[key], with LSQ's optional gradient scale 1/sqrt(N*qmax)."""
+    """Add g into q.grads[key], with LSQ's optional gradient scale 1/sqrt(N*qmax) (scales only:
+    qm = 0 for rho and the control's params). N = elements sharing one parameter in this batch."""
     if q.plan.lsq_grad_scale and qm:
         n_share = x.size / max(1, q.params[key].size)
         g = g / math.sqrt(n_share * qm)
