@@ -42,6 +42,9 @@ SPACES = ("native", "linear")
 CHECKPOINT_VERSION = 1
 # Smallest linear-space scale kept when mapping back to log space (exp(-80) ~ 1.8e-35).
 _MIN_LINEAR = 1e-30
+# Linear-space positive parameters never go below this fraction of their starting value.
+_POSITIVE_FLOOR = 1e-3
+_POSITIVE = ("scale", "clip", "gain")
 
 
 @dataclass
@@ -131,9 +134,18 @@ class _Space:
 
     def __init__(self, qmodel, space: str):
         self.q = qmodel
-        self.linear = set(_log_keys(qmodel)) if space == "linear" else set()
+        logs = _log_keys(qmodel)
+        self.linear = set(logs) if space == "linear" else set()
         if space == "linear" and not self.linear:
             raise ValueError("space='linear' needs log-parameterised scales; this QuantModel has none")
+        # Positive parameters optimised in linear space: ours (exp of log-scales) and the
+        # QuantModel's own linear ones (QuantPlan(param_space="linear"): "*.scale/clip/gain").
+        pos = self.linear | {k for k in qmodel.params if k not in logs and k.rsplit(".", 1)[-1] in _POSITIVE}
+        self.floors = {}
+        for k in pos:
+            p = qmodel.params[k].astype(np.float64)
+            v0 = np.exp(p) if k in self.linear else p
+            self.floors[k] = (v0 * _POSITIVE_FLOOR).astype(qmodel.params[k].dtype)
 
     def get(self) -> dict[str, np.ndarray]:
         out = {}
@@ -146,6 +158,12 @@ class _Space:
         for k, gk in self.q.grads.items():
             g[k] = gk / var[k] if k in self.linear else gk  # dL/ds = dL/dlog s / s
         return g
+
+    def project(self, var: dict[str, np.ndarray]) -> None:
+        """Keep linear-space scales/clips/gains positive: an Adam step of size lr can cross zero.
+        Floor: _POSITIVE_FLOOR x the value at the start of training (projected gradient)."""
+        for k, floor in self.floors.items():
+            np.maximum(var[k], floor, out=var[k])
 
     def put(self, var: dict[str, np.ndarray]) -> None:
         for k, v in var.items():
@@ -178,7 +196,7 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def save_checkpoint(path, keys, var, m, v, best, state: dict) -> None:
+def save_checkpoint(path, keys, var, m, v, best, state: dict, floors=None) -> None:
     arrays = {"__state__": np.frombuffer(json.dumps(state).encode(), dtype=np.uint8)}
     for i, k in enumerate(keys):
         arrays[f"var{i}"] = var[k]
@@ -186,11 +204,14 @@ def save_checkpoint(path, keys, var, m, v, best, state: dict) -> None:
         arrays[f"v{i}"] = v[k]
         if best is not None:
             arrays[f"best{i}"] = best[k]
+        if floors and k in floors:
+            arrays[f"floor{i}"] = floors[k]
     _atomic_savez(Path(path), arrays)
 
 
 def load_checkpoint(path):
-    """-> (state dict, var, m, v, best or None), each a dict keyed by parameter name."""
+    """-> (state dict, var, m, v, best or None), each a dict keyed by parameter name.
+    state["floors"] holds the positivity floors of linear-space parameters (see _Space)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             state = json.loads(bytes(z["__state__"]).decode())
@@ -199,10 +220,12 @@ def load_checkpoint(path):
             m = {k: z[f"m{i}"] for i, k in enumerate(keys)}
             v = {k: z[f"v{i}"] for i, k in enumerate(keys)}
             best = {k: z[f"best{i}"] for i, k in enumerate(keys)} if "best0" in z.files else None
+            floors = {k: z[f"floor{i}"] for i, k in enumerate(keys) if f"floor{i}" in z.files}
     except (OSError, KeyError, ValueError, EOFError) as e:
         raise ValueError(f"{path}: not a readable sasq training checkpoint ({e})") from None
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {state.get('version')} != {CHECKPOINT_VERSION}")
+    state["floors"] = floors
     return state, var, m, v, best
 
 
@@ -334,6 +357,7 @@ def train_scales(
             raise ValueError(f"{checkpoint}: checkpoint was written with different settings ({', '.join(diff)})")
         st, var, m, v, best = st_l, var_l, m_l, v_l, best_l
         rng.bit_generator.state = st.pop("rng")
+        space_.floors.update(st.pop("floors"))
         space_.put(var)
         resumed_from = st["step"]
 
@@ -361,7 +385,7 @@ def train_scales(
             return
         state = dict(st)
         state["rng"] = rng.bit_generator.state
-        save_checkpoint(checkpoint, keys, var, m, v, best, state)
+        save_checkpoint(checkpoint, keys, var, m, v, best, state, space_.floors)
 
     if val is not None and st["step"] == 0 and not st["val_history"]:
         evaluate(0)
@@ -406,6 +430,7 @@ def train_scales(
                 v[k] *= beta2
                 v[k] += (1.0 - beta2) * gk * gk
                 var[k] -= (cur_lr * (m[k] / bc1) / (np.sqrt(v[k] / bc2) + eps)).astype(var[k].dtype)
+            space_.project(var)
             space_.put(var)
             st["step"] = t
             st["loss_ema"] = loss if st["loss_ema"] is None else 0.9 * st["loss_ema"] + 0.1 * loss

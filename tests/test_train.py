@@ -225,6 +225,42 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, space):
     np.testing.assert_array_equal(q3.params["log_gain"], ref.params["log_gain"])
 
 
+class LinearGainQModel(TinyQModel):
+    """Like sasq.quant with QuantPlan(param_space="linear"): a positive parameter stored as is."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.params = {"x.gain": np.full(6, 0.05, np.float32)}
+        self.grads = {"x.gain": np.zeros(6, np.float32)}
+        self.sync()
+
+    def sync(self):
+        if "x.gain" not in self.params:  # during TinyQModel.__init__
+            return super().sync()
+        if np.any(self.params["x.gain"] <= 0):
+            raise ValueError("x.gain must be > 0")
+        self.gain = self.params["x.gain"]
+
+    def backward(self, tape, dlogits):
+        dh = dlogits @ self.lm_head
+        self.grads["x.gain"] += ((dh * (1 - tape.h ** 2)) * tape.x).sum(axis=(0, 1)).astype(np.float32)
+
+
+def test_linear_space_parameters_stay_positive_and_resume(tmp_path):
+    ids = _stream()
+    # lr 0.5 on gains of 0.05: plain Adam steps would cross zero at once
+    common = dict(steps=8, lr=0.5, seqlen=8, batch=4, progress=False, checkpoint_every=2)
+    ref = LinearGainQModel()
+    train_scales(ref, ids, **common)
+    assert np.all(ref.params["x.gain"] >= 0.05 * 1e-3 * (1 - 1e-6))
+    q = LinearGainQModel()
+    train_scales(q, ids, checkpoint=tmp_path / "c.npz", stop_at=3, **common)
+    q2 = LinearGainQModel()
+    q2.params["x.gain"][...] = 1.0  # a different start: floors must come from the checkpoint
+    train_scales(q2, ids, checkpoint=tmp_path / "c.npz", resume=True, **common)
+    np.testing.assert_array_equal(q2.params["x.gain"], ref.params["x.gain"])
+
+
 def test_stop_at_then_resume_equals_uninterrupted(tmp_path):
     ids = _stream()
     common = dict(steps=12, checkpoint_every=5, schedule="constant", warmup=2, **KW)
