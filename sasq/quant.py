@@ -223,6 +223,7 @@ class QuantModel:
         self.params: dict[str, np.ndarray] = {}
         self.smooth: dict[str, np.ndarray] = {}   # SmoothQuant factors, by site key (fold shape)
         self._build_sites()
+        self._log_keys = self.log_param_keys()
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.initialized = not self.needs_calibration
         self._wcache: dict = {}
@@ -303,11 +304,6 @@ class QuantModel:
             raise ValueError(f"{key}: values must be finite and > 0")
         p[...] = np.log(v) if key in self._log_keys else v
 
-    @property
-    def _log_keys(self):
-        if not hasattr(self, "_lk"):
-            self._lk = self.log_param_keys()
-        return self._lk
 
     # ---- sync: params -> derived scales and folded/quantized weights ---------------------
     def sync(self) -> None:
