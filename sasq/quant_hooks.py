@@ -12,9 +12,10 @@ Kinds of site:
 - "dynamic": per-token absmax/qmax scale computed at run time, no parameters, STE (identity) grad.
 - "control": the "adapted FP32" control: y = gain * clamp(x, -c, c) (or truncate), no rounding.
 
-Gradients (STE/LSQ, DESIGN section 2): inside the grid d y/d x = 1, outside 0; the scale
-gradient is rint(u) - u inside and qmin/qmax when clipped (u = x/s_vec), summed over the elements
-that share a scale. Every site writes s_vec = s_exp * mult with `mult` treated as a constant:
+Gradients (STE/LSQ, DESIGN section 2, computed by sasq.ops / sasq.reference): with u = x/s_vec,
+inside (|u| <= qmax) d y/d x = 1 and d y/d s = rint(u) - u; beyond the range d y/d x = 0 and
+d y/d s = qmin or qmax; summed over the elements that share a scale. Truncation adds the chain
+through c = s_vec*qmax and t = sigmoid(rho)*c (sasq.ops.truncate_backward). Every site writes s_vec = s_exp * mult with `mult` treated as a constant:
   dL/ds_exp = dL/ds_vec * mult.
 For a folded site mult = 1/s. This is exact for the function the folded graph computes when the
 weight rounding is passed straight through as a frozen *multiplicative* residual,
