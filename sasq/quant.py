@@ -294,7 +294,10 @@ class QuantModel:
 
     def _value(self, key: str) -> np.ndarray:
         p = self.params[key]
-        return np.exp(p) if key in self._log_keys else p
+        if key not in self._log_keys:
+            return p
+        with np.errstate(over="ignore"):     # overflow -> inf, reported by _sync
+            return np.exp(p)
 
     def set_site_value(self, key: str, value) -> None:
         """Set a scale/clip/gain param from its *linear* value (handles log space)."""
@@ -324,6 +327,9 @@ class QuantModel:
             if st.kind == "dynamic":
                 continue
             p = self._value(st.scale_key)
+            if not np.all(np.isfinite(p)) or np.any(p <= 0):
+                raise ValueError(f"param {st.scale_key} gives a scale that is not finite and > 0 "
+                                 f"(range {np.min(p):.3g}..{np.max(p):.3g})")
             st.s_exp = st.expand(p).astype(self.dtype)
             if st.folded:
                 folds[st.key] = p.astype(self.dtype)

@@ -140,6 +140,9 @@ def test_sync_rejects_bad_params(model, ids):
     q2.params[k.replace(".scale", ".log_scale")][...] = np.nan
     with pytest.raises(ValueError):
         q2.sync()
+    q2.params[k.replace(".scale", ".log_scale")][...] = 1e4       # exp overflows
+    with pytest.raises(ValueError, match="finite"):
+        q2.sync()
 
 
 # --------------------------------------------------------------------------- folding
