@@ -55,21 +55,17 @@ TARGET_AVX2 static int quantize_avx2(const float *x, const float *s, int64_t ss,
 }
 #endif
 
-sasq_status sasq_quantize(const float *x, const float *scale, int64_t s_stride, int64_t rows,
-                          int64_t cols, int bits, int8_t *q) {
-    int bad;
+static int quantize_rows(const float *x, const float *scale, int64_t s_stride, int64_t rows,
+                         int64_t cols, int bits, int8_t *q) {
 #if HAVE_AVX2_TIER
-    if (sasq_get_isa() >= SASQ_ISA_AVX2)
-        bad = quantize_avx2(x, scale, s_stride, rows, cols, bits, q);
-    else
+    if (sasq_get_isa() >= SASQ_ISA_AVX2) return quantize_avx2(x, scale, s_stride, rows, cols, bits, q);
 #endif
-        bad = quantize_scalar(x, scale, s_stride, rows, cols, bits, q);
-    return bad ? SASQ_ERR_NONFINITE : SASQ_OK;
+    return quantize_scalar(x, scale, s_stride, rows, cols, bits, q);
 }
 
 /* ---- dequantize ---- */
-void sasq_dequantize(const int8_t *q, const float *scale, int64_t s_stride, int64_t rows,
-                     int64_t cols, float *x) {
+static void dequantize_rows(const int8_t *q, const float *scale, int64_t s_stride, int64_t rows,
+                            int64_t cols, float *x) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t c = 0; c < cols; c++)
             x[r * cols + c] = (float)q[r * cols + c] * scale[c * s_stride];
@@ -101,8 +97,8 @@ TARGET_AVX2 static void fake_quant_avx2(const float *x, const float *s, int64_t 
 }
 #endif
 
-void sasq_fake_quant(const float *x, const float *scale, int64_t s_stride, int64_t rows,
-                     int64_t cols, int bits, float *y) {
+static void fake_quant_rows(const float *x, const float *scale, int64_t s_stride, int64_t rows,
+                            int64_t cols, int bits, float *y) {
 #if HAVE_AVX2_TIER
     if (sasq_get_isa() >= SASQ_ISA_AVX2) {
         fake_quant_avx2(x, scale, s_stride, rows, cols, bits, y);
@@ -110,4 +106,52 @@ void sasq_fake_quant(const float *x, const float *scale, int64_t s_stride, int64
     }
 #endif
     fake_quant_scalar(x, scale, s_stride, rows, cols, bits, y);
+}
+
+/* ---- row chunks on the thread pool ---- */
+typedef struct {
+    int op; /* 0 quantize, 1 dequantize, 2 fake_quant */
+    const void *in;
+    const float *s;
+    int64_t ss, rows, cols, rpc;
+    int bits;
+    void *out;
+    int bad;
+} ew_job;
+
+static void ew_task(void *vctx, int64_t t) {
+    ew_job *J = vctx;
+    int64_t r0 = t * J->rpc, nr = J->rows - r0 < J->rpc ? J->rows - r0 : J->rpc, off = r0 * J->cols;
+    if (J->op == 0) {
+        if (quantize_rows((const float *)J->in + off, J->s, J->ss, nr, J->cols, J->bits,
+                          (int8_t *)J->out + off))
+            __atomic_store_n(&J->bad, 1, __ATOMIC_RELAXED);
+    } else if (J->op == 1) {
+        dequantize_rows((const int8_t *)J->in + off, J->s, J->ss, nr, J->cols, (float *)J->out + off);
+    } else {
+        fake_quant_rows((const float *)J->in + off, J->s, J->ss, nr, J->cols, J->bits,
+                        (float *)J->out + off);
+    }
+}
+
+static int ew_run(int op, const void *in, const float *s, int64_t ss, int64_t rows, int64_t cols,
+                  int bits, void *out) {
+    ew_job J = {op, in, s, ss, rows, cols, sasq_chunk_rows(rows, cols), bits, out, 0};
+    sasq_parallel_for((rows + J.rpc - 1) / J.rpc, ew_task, &J);
+    return J.bad;
+}
+
+sasq_status sasq_quantize(const float *x, const float *scale, int64_t s_stride, int64_t rows,
+                          int64_t cols, int bits, int8_t *q) {
+    return ew_run(0, x, scale, s_stride, rows, cols, bits, q) ? SASQ_ERR_NONFINITE : SASQ_OK;
+}
+
+void sasq_dequantize(const int8_t *q, const float *scale, int64_t s_stride, int64_t rows,
+                     int64_t cols, float *x) {
+    ew_run(1, q, scale, s_stride, rows, cols, 8, x);
+}
+
+void sasq_fake_quant(const float *x, const float *scale, int64_t s_stride, int64_t rows,
+                     int64_t cols, int bits, float *y) {
+    ew_run(2, x, scale, s_stride, rows, cols, bits, y);
 }

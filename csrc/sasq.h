@@ -38,6 +38,18 @@ int sasq_get_num_threads(void);
  * region is running (a second Python thread), runs the tasks serially in the caller. */
 void sasq_parallel_for(int64_t ntasks, sasq_task_fn fn, void *ctx);
 
+/* Elementwise kernels cut the rows into chunks of at least SASQ_CHUNK elements (at most
+ * SASQ_MAX_CHUNKS chunks, which bounds the per-chunk partial sums of the backward kernels) and run
+ * them on the pool. The cut does not depend on the thread count, so every result (the double sums
+ * included) is identical for any number of threads. Returns rows per chunk. */
+#define SASQ_CHUNK 32768
+#define SASQ_MAX_CHUNKS 64
+static inline int64_t sasq_chunk_rows(int64_t rows, int64_t cols) {
+    int64_t r = SASQ_CHUNK / (cols > 0 ? cols : 1), least = (rows + SASQ_MAX_CHUNKS - 1) / SASQ_MAX_CHUNKS;
+    if (r < least) r = least;
+    return r < 1 ? 1 : r;
+}
+
 /* ---- quantization (quant.c) ---- */
 static inline int sasq_qmax(int bits) { return (1 << (bits - 1)) - 1; }
 

@@ -13,15 +13,10 @@
 
 #include "sasq.h"
 
-sasq_status sasq_fake_quant_backward(const float *restrict x, const float *restrict scale,
-                                     int64_t s_stride, const float *restrict grad_out,
-                                     int64_t rows, int64_t cols, int bits,
-                                     double grad_scale_factor, float *restrict grad_x,
-                                     float *restrict grad_scale) {
-    const float qm = (float)sasq_qmax(bits);
-    const int64_t ns = s_stride ? cols : 1;
-    double *acc = calloc((size_t)ns, sizeof(double));
-    if (!acc) return SASQ_ERR_NOMEM;
+/* One chunk of rows; its per-scale sums go to acc (ns doubles, zeroed by the caller). */
+static void backward_rows(const float *restrict x, const float *restrict scale, int64_t s_stride,
+                          const float *restrict grad_out, int64_t rows, int64_t cols, float qm,
+                          float *restrict grad_x, double *restrict acc) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols, *gr = grad_out + r * cols;
         float *gxr = grad_x + r * cols;
@@ -49,7 +44,40 @@ sasq_status sasq_fake_quant_backward(const float *restrict x, const float *restr
         }
         if (!s_stride) acc[0] += row_acc;
     }
-    for (int64_t j = 0; j < ns; j++) grad_scale[j] = (float)(acc[j] * grad_scale_factor);
-    free(acc);
+}
+
+typedef struct {
+    const float *x, *scale, *grad_out;
+    int64_t s_stride, rows, cols, rpc, ns;
+    float qm;
+    float *grad_x;
+    double *partial; /* (chunks, ns) */
+} bwd_job;
+
+static void bwd_task(void *vctx, int64_t t) {
+    bwd_job *J = vctx;
+    int64_t r0 = t * J->rpc, nr = J->rows - r0 < J->rpc ? J->rows - r0 : J->rpc, off = r0 * J->cols;
+    backward_rows(J->x + off, J->scale, J->s_stride, J->grad_out + off, nr, J->cols, J->qm,
+                  J->grad_x + off, J->partial + t * J->ns);
+}
+
+sasq_status sasq_fake_quant_backward(const float *restrict x, const float *restrict scale,
+                                     int64_t s_stride, const float *restrict grad_out,
+                                     int64_t rows, int64_t cols, int bits,
+                                     double grad_scale_factor, float *restrict grad_x,
+                                     float *restrict grad_scale) {
+    const int64_t ns = s_stride ? cols : 1, rpc = sasq_chunk_rows(rows, cols);
+    const int64_t chunks = (rows + rpc - 1) / rpc;
+    double *partial = calloc((size_t)(chunks * ns), sizeof(double));
+    if (!partial) return SASQ_ERR_NOMEM;
+    bwd_job J = {x, scale, grad_out, s_stride, rows, cols, rpc, ns, (float)sasq_qmax(bits),
+                 grad_x, partial};
+    sasq_parallel_for(chunks, bwd_task, &J);
+    for (int64_t j = 0; j < ns; j++) { /* chunk order: the same sum for any thread count */
+        double sum = 0.0;
+        for (int64_t t = 0; t < chunks; t++) sum += partial[t * ns + j];
+        grad_scale[j] = (float)(sum * grad_scale_factor);
+    }
+    free(partial);
     return SASQ_OK;
 }

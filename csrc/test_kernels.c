@@ -159,10 +159,36 @@ static void test_gemm(void) {
     sasq_set_num_threads(1);
 }
 
+/* Large inputs run in several row chunks on the pool: same results for 1 and 3 threads. */
+static void test_chunked(void) {
+    enum { R = 100, C = 1000 };
+    float *x = malloc(sizeof(float) * R * C), *g = malloc(sizeof(float) * R * C);
+    float *y1 = malloc(sizeof(float) * R * C), *y3 = malloc(sizeof(float) * R * C);
+    float gs1[C], gs3[C], gt1, gt3, gc1, gc3, s = 0.01f, t = 0.5f, c = 1.5f;
+    int8_t *q = malloc(R * C);
+    for (int i = 0; i < R * C; i++) { x[i] = frand(-3, 3); g[i] = frand(-1, 1); }
+    float sc[C];
+    for (int j = 0; j < C; j++) sc[j] = frand(0.005f, 0.02f);
+    sasq_set_num_threads(1);
+    sasq_fake_quant_backward(x, sc, 1, g, R, C, 8, 1.0, y1, gs1);
+    sasq_truncate_backward(x, &t, 0, &c, 0, g, R, C, y1 + 0, &gt1, &gc1);
+    sasq_set_num_threads(3);
+    sasq_fake_quant_backward(x, sc, 1, g, R, C, 8, 1.0, y3, gs3);
+    sasq_truncate_backward(x, &t, 0, &c, 0, g, R, C, y3 + 0, &gt3, &gc3);
+    CHECK(memcmp(y1, y3, sizeof(float) * R * C) == 0, "chunked grad_x differs with threads");
+    CHECK(memcmp(gs1, gs3, sizeof gs1) == 0 && gt1 == gt3 && gc1 == gc3, "chunked sums differ");
+    x[R * C - 1] = INFINITY;
+    CHECK(sasq_quantize(x, &s, 0, R, C, 8, q) == SASQ_ERR_NONFINITE, "inf in the last chunk");
+    CHECK(sasq_truncate_quantize(x, &t, 0, &s, 0, R, C, 8, q) == SASQ_ERR_NONFINITE, "tq inf");
+    sasq_set_num_threads(1);
+    free(x); free(g); free(y1); free(y3); free(q);
+}
+
 int main(void) {
     test_quantize();
     test_ste();
     test_truncate();
+    test_chunked();
     test_gemm();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;

@@ -35,23 +35,20 @@ static inline float truncate1(float xf, float tf, float cf) {
     return (float)(xf < 0 ? -y : y);
 }
 
-void sasq_truncate(const float *restrict x, const float *restrict t, int64_t t_stride,
-                   const float *restrict c, int64_t c_stride, int64_t rows, int64_t cols,
-                   float *restrict y) {
+/* One chunk of rows of each kernel (the public functions below run chunks on the pool). */
+static void truncate_rows(const float *restrict x, const float *restrict t, int64_t t_stride,
+                          const float *restrict c, int64_t c_stride, int64_t rows, int64_t cols,
+                          float *restrict y) {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < cols; j++)
             y[r * cols + j] = truncate1(x[r * cols + j], t[j * t_stride], c[j * c_stride]);
 }
 
-sasq_status sasq_truncate_backward(const float *restrict x, const float *restrict t,
-                                   int64_t t_stride, const float *restrict c, int64_t c_stride,
-                                   const float *restrict grad_out, int64_t rows, int64_t cols,
-                                   float *restrict grad_x, float *restrict grad_t,
-                                   float *restrict grad_c) {
-    const int64_t nt = t_stride ? cols : 1, nc = c_stride ? cols : 1;
-    double *acc_t = calloc((size_t)(nt + nc), sizeof(double));
-    if (!acc_t) return SASQ_ERR_NOMEM;
-    double *acc_c = acc_t + nt;
+/* acc_t (nt) and acc_c (nc): this chunk's sums, zeroed by the caller. */
+static void backward_rows(const float *restrict x, const float *restrict t, int64_t t_stride,
+                          const float *restrict c, int64_t c_stride,
+                          const float *restrict grad_out, int64_t rows, int64_t cols,
+                          float *restrict grad_x, double *restrict acc_t, double *restrict acc_c) {
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t j = 0; j < cols; j++) {
             int64_t i = r * cols + j;
@@ -70,9 +67,83 @@ sasq_status sasq_truncate_backward(const float *restrict x, const float *restric
             acc_c[j * c_stride] += g * sg * (th - z * s2);
         }
     }
-    for (int64_t j = 0; j < nt; j++) grad_t[j] = (float)acc_t[j];
-    for (int64_t j = 0; j < nc; j++) grad_c[j] = (float)acc_c[j];
-    free(acc_t);
+}
+
+static int quantize_rows(const float *restrict x, const float *restrict t, int64_t t_stride,
+                         const float *restrict scale, int64_t s_stride, int64_t rows,
+                         int64_t cols, int bits, int8_t *restrict q) {
+    const float qm = (float)sasq_qmax(bits);
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t j = 0; j < cols; j++) {
+            int64_t i = r * cols + j;
+            float v = x[i], s = scale[j * s_stride];
+            if (!(fabsf(v) <= FLT_MAX)) return 1;
+            float y = truncate1(v, t[j * t_stride], s * qm);
+            float u = rintf(y / s);
+            u = u < -qm ? -qm : (u > qm ? qm : u);
+            q[i] = (int8_t)(int)u;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    int op; /* 0 truncate, 1 backward, 2 truncate_quantize */
+    const float *x, *t, *c, *g; /* c: ceiling, or the scale for truncate_quantize */
+    int64_t ts, cs, rows, cols, rpc, nt, nc;
+    int bits;
+    void *out;
+    double *partial; /* backward: (chunks, nt + nc) */
+    int bad;
+} tr_job;
+
+static void tr_task(void *vctx, int64_t k) {
+    tr_job *J = vctx;
+    int64_t r0 = k * J->rpc, nr = J->rows - r0 < J->rpc ? J->rows - r0 : J->rpc, off = r0 * J->cols;
+    if (J->op == 0) {
+        truncate_rows(J->x + off, J->t, J->ts, J->c, J->cs, nr, J->cols, (float *)J->out + off);
+    } else if (J->op == 1) {
+        double *p = J->partial + k * (J->nt + J->nc);
+        backward_rows(J->x + off, J->t, J->ts, J->c, J->cs, J->g + off, nr, J->cols,
+                      (float *)J->out + off, p, p + J->nt);
+    } else if (quantize_rows(J->x + off, J->t, J->ts, J->c, J->cs, nr, J->cols, J->bits,
+                             (int8_t *)J->out + off)) {
+        __atomic_store_n(&J->bad, 1, __ATOMIC_RELAXED);
+    }
+}
+
+static int64_t tr_chunks(tr_job *J) {
+    J->rpc = sasq_chunk_rows(J->rows, J->cols);
+    return (J->rows + J->rpc - 1) / J->rpc;
+}
+
+void sasq_truncate(const float *restrict x, const float *restrict t, int64_t t_stride,
+                   const float *restrict c, int64_t c_stride, int64_t rows, int64_t cols,
+                   float *restrict y) {
+    tr_job J = {.op = 0, .x = x, .t = t, .c = c, .ts = t_stride, .cs = c_stride, .rows = rows,
+                .cols = cols, .out = y};
+    sasq_parallel_for(tr_chunks(&J), tr_task, &J);
+}
+
+sasq_status sasq_truncate_backward(const float *restrict x, const float *restrict t,
+                                   int64_t t_stride, const float *restrict c, int64_t c_stride,
+                                   const float *restrict grad_out, int64_t rows, int64_t cols,
+                                   float *restrict grad_x, float *restrict grad_t,
+                                   float *restrict grad_c) {
+    tr_job J = {.op = 1, .x = x, .t = t, .c = c, .g = grad_out, .ts = t_stride, .cs = c_stride,
+                .rows = rows, .cols = cols, .nt = t_stride ? cols : 1, .nc = c_stride ? cols : 1,
+                .out = grad_x};
+    int64_t chunks = tr_chunks(&J), w = J.nt + J.nc;
+    J.partial = calloc((size_t)(chunks * w), sizeof(double));
+    if (!J.partial) return SASQ_ERR_NOMEM;
+    sasq_parallel_for(chunks, tr_task, &J);
+    for (int64_t j = 0; j < w; j++) { /* chunk order: the same sum for any thread count */
+        double sum = 0.0;
+        for (int64_t k = 0; k < chunks; k++) sum += J.partial[k * w + j];
+        if (j < J.nt) grad_t[j] = (float)sum;
+        else grad_c[j - J.nt] = (float)sum;
+    }
+    free(J.partial);
     return SASQ_OK;
 }
 
@@ -80,17 +151,8 @@ sasq_status sasq_truncate_quantize(const float *restrict x, const float *restric
                                    int64_t t_stride, const float *restrict scale,
                                    int64_t s_stride, int64_t rows, int64_t cols, int bits,
                                    int8_t *restrict q) {
-    const float qm = (float)sasq_qmax(bits);
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t j = 0; j < cols; j++) {
-            int64_t i = r * cols + j;
-            float v = x[i], s = scale[j * s_stride];
-            if (!(fabsf(v) <= FLT_MAX)) return SASQ_ERR_NONFINITE;
-            float y = truncate1(v, t[j * t_stride], s * qm);
-            float u = rintf(y / s);
-            u = u < -qm ? -qm : (u > qm ? qm : u);
-            q[i] = (int8_t)(int)u;
-        }
-    }
-    return SASQ_OK;
+    tr_job J = {.op = 2, .x = x, .t = t, .c = scale, .ts = t_stride, .cs = s_stride, .rows = rows,
+                .cols = cols, .bits = bits, .out = q};
+    sasq_parallel_for(tr_chunks(&J), tr_task, &J);
+    return J.bad ? SASQ_ERR_NONFINITE : SASQ_OK;
 }

@@ -185,3 +185,28 @@ def test_reference_is_dtype_generic():
     assert y.dtype == np.float64
     gx, gs = R.fake_quant_backward(x, np.full(17, 0.03), np.ones_like(x), 4)
     assert gx.dtype == np.float64 and gs.shape == (17,)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_results_do_not_depend_on_thread_count(per_channel):
+    """Elementwise kernels run in row chunks on the pool; the cut is fixed, so outputs and the
+    double sums are bit-identical for any thread count (and still match the twin)."""
+    x, scale = make_case(300, 1000, per_channel, seed=9)  # 300k elements: many chunks
+    g = np.random.default_rng(10).standard_normal(x.shape).astype(np.float32)
+    n0 = ops.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            ops.set_num_threads(threads)
+            outs.append((ops.fake_quant(x, scale), ops.quantize(x, scale), *ops.fake_quant_backward(x, scale, g),
+                         *ops.truncate_backward(x, 0.5, 1.5, g)))
+    finally:
+        ops.set_num_threads(n0)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(outs[0][0], R.fake_quant(x, scale))
+    np.testing.assert_array_equal(outs[0][2], R.fake_quant_backward(x, scale, g)[0])
+    x[-1, -1] = np.nan  # a NaN in the last chunk is still found
+    with pytest.raises(ValueError, match="NaN"):
+        ops.quantize(x, scale)
