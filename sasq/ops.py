@@ -13,8 +13,9 @@ Conventions (DESIGN.md section 2)
   range); `quantize` and `truncate_quantize` raise ValueError (an int8 code has no NaN).
   `fake_quant_backward` gives NaN as the gradient of a NaN element and a NaN gradient for the
   scale it uses; `truncate_backward` likewise.
-- The GIL is released while a kernel runs; `gemm_int8`/`linear_int8` use a pthread pool of
-  `get_num_threads()` threads (default: the CPUs this process may use, or env SASQ_NUM_THREADS).
+- The GIL is released while a kernel runs. Kernels use a pthread pool of `get_num_threads()`
+  threads (default: the CPUs this process may use, or env SASQ_NUM_THREADS); elementwise kernels
+  split rows into fixed chunks, so every result is bit-identical for any thread count.
 """
 from __future__ import annotations
 
