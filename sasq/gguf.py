@@ -24,7 +24,7 @@ from tokenizers import processors
 
 from .gguf_dequant import KNOWN_UNSUPPORTED_SIZES, TYPE_NAMES, TYPE_SIZES, dequantize
 from .gguf_reader import read_gguf
-from .gguf_tokenizer import build_bpe_tokenizer, special_ids
+from .gguf_tokenizer import KNOWN_PRE, build_bpe_tokenizer, special_ids
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -212,9 +212,11 @@ def _has_bpe_tokenizer(meta, path) -> bool:
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         return False
-    if kind != "gpt2":
-        warnings.warn(f"{path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2' byte-level BPE); "
-                      f"loading without a tokenizer", RuntimeWarning, stacklevel=3)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2" or pre not in KNOWN_PRE:
+        what = f"tokenizer.ggml.model {kind!r}" if kind != "gpt2" else f"tokenizer.ggml.pre {pre!r}"
+        warnings.warn(f"{path}: {what} is not supported (byte-level BPE 'gpt2' with pre-tokenizer "
+                      f"{', '.join(KNOWN_PRE)}); loading without a tokenizer", RuntimeWarning, stacklevel=3)
         return False
     return True
 

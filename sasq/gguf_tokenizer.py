@@ -24,18 +24,25 @@ def _byte_level(split):
     return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
+# llama.cpp pre-tokenizer names (tokenizer.ggml.pre) -> how we rebuild their split
+_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r")
+_GPT2_ONLY = ("gpt-2", "gpt2", "default", "phi-2", "jina-es", "jina-de", "olmo", "jais", "mpt")
+_LLAMA3 = ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3")
+KNOWN_PRE = _DIGITS_THEN_GPT2 + _GPT2_ONLY + _LLAMA3
+
+
 def _pre_tokenizer(pre: str):
     # llama.cpp: SMOLLM/STARCODER/REFACT/... split every digit alone ("\p{N}"), then GPT-2's regex;
     # that is Digits(individual_digits=True) followed by ByteLevel's own regex, as SmolLM2's
     # tokenizer.json spells it.
-    if pre in ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva", "command-r"):
+    if pre in _DIGITS_THEN_GPT2:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    if pre in ("gpt-2", "gpt2", "default", "phi-2", "jina-es", "jina-de", "olmo", "jais"):
+    if pre in _GPT2_ONLY:
         return _byte_level(None)
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"):
+    if pre in _LLAMA3:
         return _byte_level(pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"))
-    raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported (known: smollm, starcoder, gpt2, llama3, ...)")
+    raise ValueError(f"tokenizer.ggml.pre {pre!r} is not supported (known: {', '.join(KNOWN_PRE)})")
 
 
 def build_bpe_tokenizer(meta: dict, source="GGUF") -> Tokenizer:

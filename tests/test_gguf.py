@@ -533,6 +533,14 @@ def test_sentencepiece_vocab_loads_without_tokenizer(tmp_path):
     assert tok is None and len(tensors) == 2 + 9 * CFG["layers"]  # tied: no lm_head
 
 
+def test_unknown_pre_tokenizer_loads_without_tokenizer(tmp_path):
+    from sasq.gguf import load_gguf
+    p = tiny_gguf(tmp_path / "t.gguf", hf_tiny_weights())
+    p.write_bytes(p.read_bytes().replace(_s("smollm"), _s("qwen99")))
+    with pytest.warns(RuntimeWarning, match="'qwen99' is not supported"):
+        assert load_gguf(p)[2] is None
+
+
 def test_convert_cli_bad_file(tmp_path):
     p = _write(tmp_path, b"NOTAGGUF" + b"\0" * 40, "junk.gguf")
     r = subprocess.run([sys.executable, "-m", "sasq", "convert-gguf", str(p), str(tmp_path / "o"), "-q"],
