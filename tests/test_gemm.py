@@ -175,3 +175,15 @@ def test_set_num_threads_and_isa_validation():
     assert ops.get_isa() == "scalar"
     ops.set_isa("auto")
     assert ops.get_isa() == ISAS[0]
+
+
+def test_benchmark_helpers():
+    wall, cpu = ops._C._peak_int8_gops(1, 0.01)
+    if "avx512vnni" in ISAS:
+        assert wall > 0 and cpu > 0
+    else:
+        assert wall == 0
+    w = np.arange(64 * 8, dtype=np.int64).reshape(64, 8).astype(np.int8)
+    assert isinstance(ops._C._stream_read(ops.pack_weights(w)), int)
+    with pytest.raises(ValueError):
+        ops._C._peak_int8_gops(0)
