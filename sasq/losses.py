@@ -95,7 +95,10 @@ def ce_backward(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
 
 
 def ce_loss_and_grad(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """(mean CE, dlogits) in one chunked pass. logits must be an array (the student's)."""
+    """(mean CE, dlogits) in one chunked pass. logits must be an array (the student's).
+
+    One exp per element: the gradient buffer holds exp(z - max) and is scaled in place into
+    (softmax - onehot) / N; the loss uses log-sum-exp per row."""
     src = _Rows(logits)
     if src.head is not None:
         raise ValueError("ce_loss_and_grad needs the logits array (its gradient has that shape)")
@@ -105,13 +108,17 @@ def ce_loss_and_grad(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
     inv_n = 1.0 / max(src.n, 1)
     for i0 in range(0, src.n, chunk_rows):
         i1 = min(src.n, i0 + chunk_rows)
-        lp = _log_softmax(src.rows(i0, i1))  # (n, V)
+        z = src.rows(i0, i1)  # (n, V)
         r = np.arange(i1 - i0)
-        total -= float(lp[r, t[i0:i1]].sum(dtype=np.float64))
-        g = np.exp(lp)
-        g[r, t[i0:i1]] -= 1.0
-        g *= inv_n
-        dlogits[i0:i1] = g
+        m = z.max(axis=-1, keepdims=True)  # (n, 1)
+        e = dlogits[i0:i1]
+        np.subtract(z, m, out=e)
+        zt = e[r, t[i0:i1]].astype(np.float64)  # z_target - max, before exp
+        np.exp(e, out=e)
+        ssum = e.sum(axis=-1, keepdims=True)  # (n, 1)
+        total -= float((zt - np.log(ssum[:, 0].astype(np.float64))).sum())
+        e *= (inv_n / ssum).astype(e.dtype)
+        e[r, t[i0:i1]] -= e.dtype.type(inv_n)
     return total * inv_n, dlogits.reshape(*src.lead, src.vocab)
 
 
@@ -137,7 +144,10 @@ def kl_backward(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
 
 
 def kl_loss_and_grad(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """(mean KL, dstudent_logits) in one chunked pass; student must be the logits array."""
+    """(mean KL, dstudent_logits) in one chunked pass; student must be the logits array.
+
+    Per row, with lse = log-sum-exp: KL = sum_v p_v (zt_v - zq_v) + lse_q - lse_t (sum p = 1),
+    so neither log-probability array is formed; one exp per element for each model."""
     s, t = _Rows(student), _Rows(teacher)
     if s.head is not None:
         raise ValueError("kl_loss_and_grad needs the student's logits array")
@@ -148,9 +158,23 @@ def kl_loss_and_grad(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
     inv_n = 1.0 / max(s.n, 1)
     for i0 in range(0, s.n, chunk_rows):
         i1 = min(s.n, i0 + chunk_rows)
-        lq = _log_softmax(s.rows(i0, i1))  # (n, V)
-        lp = _log_softmax(t.rows(i0, i1))  # (n, V)
-        p = np.exp(lp)
-        total += float((p * (lp - lq)).sum(dtype=np.float64))
-        dlogits[i0:i1] = (np.exp(lq) - p) * inv_n
+        zq = s.rows(i0, i1)  # (n, V)
+        zt = t.rows(i0, i1)  # (n, V)
+        mt = zt.max(axis=-1, keepdims=True)
+        p = np.exp(zt - mt)  # (n, V) unnormalised teacher probabilities
+        st = p.sum(axis=-1, keepdims=True)
+        p /= st
+        mq = zq.max(axis=-1, keepdims=True)
+        eq = dlogits[i0:i1]
+        np.subtract(zq, mq, out=eq)
+        np.exp(eq, out=eq)
+        sq = eq.sum(axis=-1, keepdims=True)
+        d = zt - zq  # (n, V)
+        cross = np.einsum("nv,nv->n", p, d).astype(np.float64)  # sum_v p (zt - zq)
+        lse_q = mq[:, 0].astype(np.float64) + np.log(sq[:, 0].astype(np.float64))
+        lse_t = mt[:, 0].astype(np.float64) + np.log(st[:, 0].astype(np.float64))
+        total += float((cross + lse_q - lse_t).sum())
+        eq /= sq
+        eq -= p
+        eq *= eq.dtype.type(inv_n)
     return total * inv_n, dlogits.reshape(*s.lead, s.vocab)
