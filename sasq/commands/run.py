@@ -22,17 +22,18 @@ def add_arguments(p):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
     p.add_argument("--objective", choices=("ce", "kl", "both"), default="both",
                    help="training objective of the trained rows: next-token CE, KL to FP32, or both")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 100; --quick 20)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 100; data-free 40; --quick 20)")
     p.add_argument("--lr", type=float, default=3e-2, help="Adam lr on log-scales (default 3e-2)")
-    p.add_argument("--seqlen", type=int, default=None, help="window length (default 512; --quick 128)")
+    p.add_argument("--seqlen", type=int, default=None, help="window length (default 512; data-free 128; --quick 64)")
     p.add_argument("--batch", type=int, default=4, help="windows per training step (default 4)")
-    p.add_argument("--calib-windows", type=int, default=16, help="PTQ calibration windows")
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="PTQ calibration windows (default 16; data-free 8; --quick 4)")
     p.add_argument("--eval-windows", type=int, default=None,
                    help="cap on evaluation-text windows (default all; --quick 16)")
     p.add_argument("--own-windows", type=int, default=None,
-                   help="own-domain evaluation windows sampled from FP32 (default 32; --quick 8)")
+                   help="own-domain evaluation windows sampled from FP32 (default 32; data-free 16; --quick 8)")
     p.add_argument("--datafree-windows", type=int, default=None,
-                   help="data-free training windows (default 128; --quick 24)")
+                   help="data-free training windows (default 128; data-free default run 64; --quick 24)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results directory (default ./results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster configuration")
@@ -56,11 +57,11 @@ def config_from_args(args) -> ExperimentConfig:
         bits=tuple(b.strip() for b in bits if b.strip()),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         objectives=("ce", "kl") if args.objective == "both" else (args.objective,),
-        steps=_pick(args.steps, 100 if not data_free else 60, 20, quick),
+        steps=_pick(args.steps, 100 if not data_free else 40, 20, quick),
         lr=args.lr,
-        seqlen=_pick(args.seqlen, 512 if not data_free else 256, 128, quick),
+        seqlen=_pick(args.seqlen, 512 if not data_free else 128, 64, quick),
         batch=args.batch,
-        calib_windows=args.calib_windows,
+        calib_windows=_pick(args.calib_windows, 16 if not data_free else 8, 4, quick),
         eval_windows=_pick(args.eval_windows, None, 16, quick),
         own_windows=_pick(args.own_windows, 32 if not data_free else 16, 8, quick),
         datafree_windows=_pick(args.datafree_windows, 128 if not data_free else 64, 24, quick),
