@@ -9,6 +9,7 @@ query heads per KV head, hd head dim, I intermediate, V vocab.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import glob
@@ -20,8 +21,10 @@ import numpy as np
 # Elements of one attention score block (B*H*Tq_block*Tk) at most: far below the full
 # (B, H, T, T) matrix. Blocks are also at most ~T/8 rows so that skipping the keys above the
 # diagonal saves ~40 % of the work.
-ATTN_BLOCK_ELEMS = 1 << 22
-ATTN_MIN_ROWS = 32
+ATTN_BLOCK_ELEMS = 1 << 20
+ATTN_MIN_ROWS = 16
+# Attention with fewer multiply-adds than this runs on the calling thread (decode steps).
+ATTN_PARALLEL_MACS = 1 << 22
 
 
 # --------------------------------------------------------------------------- BLAS threads
@@ -60,20 +63,18 @@ _BLAS = None
 
 @contextlib.contextmanager
 def _blas_threads_for(macs):
-    """One BLAS thread inside the block when the GEMM work is small."""
+    """One BLAS thread inside the block when the GEMM work is small; yields the thread count
+    outside (1 when numpy's OpenBLAS was not found)."""
     global _BLAS
-    if macs >= SMALL_GEMM_MACS:
-        yield
-        return
     if _BLAS is None:
         _BLAS = _OpenBLAS()
     n = _BLAS.get() if _BLAS.get is not None else 1
-    if n <= 1:
-        yield
+    if macs >= SMALL_GEMM_MACS or n <= 1:
+        yield n
         return
     _BLAS.set(1)
     try:
-        yield
+        yield n
     finally:
         _BLAS.set(n)
 
@@ -195,29 +196,34 @@ def attention_forward(q, k, v):
     from which backward recomputes the probabilities block by block (no (T, T) matrix is kept).
     Blocks skip the keys above the diagonal entirely.
     """
+    out = np.empty_like(q)
+    lse = np.empty(q.shape[:4], dtype=q.dtype)
+    _over_kv_heads(_attention_forward_part, (q, k, v, out, lse), q.size * k.shape[2])
+    return out, lse
+
+
+def _attention_forward_part(q, k, v, out, lse):
+    """attention_forward for a slice of KV heads, writing into out and lse."""
     b, kvh, g, tq, hd = q.shape
     tk = k.shape[2]
     off = tk - tq
     scale = q.dtype.type(1.0 / math.sqrt(hd))
-    out = np.empty_like(q)
-    lse = np.empty((b, kvh, g, tq), dtype=q.dtype)
     blk = _block_rows(b, kvh * g, tq, tk)
     for s in range(0, tq, blk):
         e = min(s + blk, tq)
         n, kend = e - s, off + e
         qb = np.multiply(q[:, :, :, s:e], scale).reshape(b, kvh, g * n, hd)  # (B, KVH, G*n, hd)
-        sc = matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        sc = np.matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         sc5 = sc.reshape(b, kvh, g, n, kend)
         sc5[..., off + s:kend] += _causal_bias(n, q.dtype)
         m = sc.max(axis=-1, keepdims=True)  # (B, KVH, G*n, 1)
         sc -= m
         np.exp(sc, out=sc)
         l = sc.sum(axis=-1, keepdims=True)  # (B, KVH, G*n, 1)
-        ob = matmul(sc, v[:, :, :kend])  # (B, KVH, G*n, hd)
+        ob = np.matmul(sc, v[:, :, :kend])  # (B, KVH, G*n, hd)
         ob /= l
         out[:, :, :, s:e] = ob.reshape(b, kvh, g, n, hd)
         lse[:, :, :, s:e] = (m + np.log(l)).reshape(b, kvh, g, n)
-    return out, lse
 
 
 def attention_backward(dout, q, k, v, out, lse):
@@ -226,33 +232,72 @@ def attention_backward(dout, q, k, v, out, lse):
     dout, q, out (B, KVH, G, Tq, hd); k, v (B, KVH, Tk, hd); lse (B, KVH, G, Tq).
     Returns dq (B, KVH, G, Tq, hd), dk, dv (B, KVH, Tk, hd).
     """
+    dq = np.empty_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    _over_kv_heads(_attention_backward_part, (dout, q, k, v, out, lse, dq, dk, dv),
+                   2 * q.size * k.shape[2])
+    return dq, dk, dv
+
+
+def _attention_backward_part(dout, q, k, v, out, lse, dq, dk, dv):
+    """attention_backward for a slice of KV heads, writing dq and accumulating dk, dv."""
     b, kvh, g, tq, hd = q.shape
     tk = k.shape[2]
     off = tk - tq
     scale = q.dtype.type(1.0 / math.sqrt(hd))
     delta = np.einsum("...d,...d->...", dout, out)  # (B, KVH, G, Tq) = rowsum(P * dP)
-    dq = np.empty_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
     blk = _block_rows(b, kvh * g, tq, tk)
     for s in range(0, tq, blk):
         e = min(s + blk, tq)
         n, kend = e - s, off + e
         qb = np.multiply(q[:, :, :, s:e], scale).reshape(b, kvh, g * n, hd)  # (B, KVH, G*n, hd)
         dob = np.ascontiguousarray(dout[:, :, :, s:e]).reshape(b, kvh, g * n, hd)
-        p = matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        p = np.matmul(qb, k[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         p5 = p.reshape(b, kvh, g, n, kend)
         p5[..., off + s:kend] += _causal_bias(n, q.dtype)
         p5 -= lse[:, :, :, s:e, None]
         np.exp(p, out=p)  # probabilities
-        dv[:, :, :kend] += matmul(p.swapaxes(-1, -2), dob)  # (B, KVH, kend, hd)
-        dp = matmul(dob, v[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
+        dv[:, :, :kend] += np.matmul(p.swapaxes(-1, -2), dob)  # (B, KVH, kend, hd)
+        dp = np.matmul(dob, v[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
         dp5 = dp.reshape(b, kvh, g, n, kend)
         dp5 -= delta[:, :, :, s:e, None]
         dp *= p  # dS = P * (dP - delta)
-        dq[:, :, :, s:e] = (matmul(dp, k[:, :, :kend]) * scale).reshape(b, kvh, g, n, hd)
-        dk[:, :, :kend] += matmul(dp.swapaxes(-1, -2), qb)  # S = qb k^T: scale is in qb
-    return dq, dk, dv
+        dq[:, :, :, s:e] = (np.matmul(dp, k[:, :, :kend]) * scale).reshape(b, kvh, g, n, hd)
+        dk[:, :, :kend] += np.matmul(dp.swapaxes(-1, -2), qb)  # S = qb k^T: scale is in qb
+
+
+def _over_kv_heads(part, arrays, macs):
+    """Run part(*arrays) with the (B, KVH) pairs split across worker threads.
+
+    Attention is many mid-sized GEMMs plus softmax passes: one BLAS thread per GEMM and one
+    Python thread per group of KV heads (NumPy releases the GIL in both) keeps the cores busy
+    without OpenBLAS's per-GEMM thread hand-offs, which made it 4x slower on a busy machine.
+    Outputs are freshly allocated, so merging (B, KVH) into one axis gives views of them.
+    """
+    bk = arrays[0].shape[0] * arrays[0].shape[1]
+    flat = [a.reshape((1, bk) + a.shape[2:]) for a in arrays]
+    with _blas_threads_for(0) as n:
+        n = min(n, bk) if macs >= ATTN_PARALLEL_MACS else 1
+        if n <= 1:
+            part(*flat)
+            return
+        cuts = np.linspace(0, bk, n + 1).astype(int)
+        futures = [_pool(n).submit(part, *[a[:, i:j] for a in flat])
+                   for i, j in zip(cuts[:-1], cuts[1:])]
+        for f in futures:
+            f.result()
+
+
+_POOL = None
+
+
+def _pool(n):
+    global _POOL
+    if _POOL is None or _POOL._max_workers < n:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=n,
+                                                      thread_name_prefix="sasq-attn")
+    return _POOL
 
 
 def attention_reference(q, k, v):

@@ -97,9 +97,12 @@ def test_attention_backward(rng, B, KVH, G, Tq, Tk, hd):
     assert_grad(dv, numgrad(lambda x: f(q, k, x), v))
 
 
-def test_attention_blocks_match_reference(rng, monkeypatch):
+@pytest.mark.parametrize("parallel_macs", [0, 1 << 62])  # KV heads on worker threads or not
+def test_attention_blocks_match_reference(rng, monkeypatch, parallel_macs):
     """Small blocks force many query blocks, each skipping keys above the diagonal."""
     monkeypatch.setattr(L, "ATTN_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(L, "ATTN_MIN_ROWS", 4)
+    monkeypatch.setattr(L, "ATTN_PARALLEL_MACS", parallel_macs)
     q = rng.standard_normal((2, 2, 2, 37, 8)).astype(np.float32)
     k = rng.standard_normal((2, 2, 37, 8)).astype(np.float32)
     v = rng.standard_normal((2, 2, 37, 8)).astype(np.float32)
@@ -109,7 +112,7 @@ def test_attention_blocks_match_reference(rng, monkeypatch):
     assert np.abs(out - ref).max() <= ATTN_TOL32
     r = rng.standard_normal(q.shape)
     g64 = L.attention_backward(r, *(a.astype(np.float64) for a in (q, k, v, out, lse)))
-    monkeypatch.setattr(L, "ATTN_BLOCK_ELEMS", 1 << 22)
+    monkeypatch.setattr(L, "ATTN_MIN_ROWS", 1000)  # one block of all rows
     g64_one = L.attention_backward(r, *(a.astype(np.float64) for a in (q, k, v, out, lse)))
     for a, b in zip(g64, g64_one):
         assert np.allclose(a, b, atol=1e-10)
