@@ -533,12 +533,13 @@ double sasq_peak_int8_gops(int threads, double seconds, double *cpu_gops) {
 }
 
 typedef struct { const sasq_packed *p; uint64_t acc; } stream_job;
+typedef uint64_t __attribute__((may_alias)) u64_alias; /* reads the int8 buffer as words */
 static void stream_task(void *vctx, int64_t t) {
     stream_job *J = vctx;
-    const uint64_t *w = (const uint64_t *)(J->p->data + t * J->p->kp * SASQ_NR);
-    int64_t n = J->p->kp * SASQ_NR / 8;
+    const u64_alias *w = (const u64_alias *)(J->p->data + t * J->p->kp * SASQ_NR);
+    int64_t n = J->p->kp * SASQ_NR / 8; /* a multiple of 32 */
     uint64_t x0 = 0, x1 = 0, x2 = 0, x3 = 0;
-    for (int64_t i = 0; i + 4 <= n; i += 4) {
+    for (int64_t i = 0; i < n; i += 4) {
         x0 ^= w[i]; x1 ^= w[i + 1]; x2 ^= w[i + 2]; x3 ^= w[i + 3];
     }
     __atomic_fetch_xor(&J->acc, x0 ^ x1 ^ x2 ^ x3, __ATOMIC_RELAXED);
