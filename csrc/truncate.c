@@ -5,15 +5,15 @@
  *   |x| >  t : y = sign(x) * (t + (c - t) * tanh(z)),   z = (|x| - t) / (c - t),   0 < t < c
  *
  * Why this function: identity on the bulk (|x| <= t), monotone, continuous with a continuous
- * first derivative at the knee (slope 1 = sech^2(0)), and |y| < c for every finite x, so the
- * quantizer's clamp at c = s * qmax never bites and every outlier keeps a distinct, ordered code
- * until it saturates. Gradients (a = |x|, g = upstream gradient, zero inside the knee):
+ * first derivative at the knee (slope 1 = sech^2(0)), and |y| < c for finite x (far outliers
+ * may round to c in float32, never beyond), so the quantizer's clamp at c = s * qmax never bites
+ * and outliers keep distinct, ordered codes until they saturate. Gradients (a = |x|, g = upstream gradient, zero inside the knee):
  *   dy/dx = sech^2(z)
  *   dy/dt = sign(x) * (1 - tanh z + (z - 1) sech^2 z)
  *   dy/dc = sign(x) * (tanh z - z sech^2 z)
- * Arithmetic is in double and rounded once to float. z is capped at 30 (tanh(30) == 1 in
- * double) so that x = +-inf gives y = +-c with finite gradients instead of inf * 0. NaN in x
- * propagates to y and to all three gradients.
+ * Arithmetic is in double (tanh and sech^2 from one exp(-2z)) and rounded once to float. z is
+ * capped at 30 (tanh(30) == 1 in double) so that x = +-inf gives y = +-c with finite gradients
+ * instead of inf * 0. NaN in x propagates to y and to all three gradients.
  */
 #include <float.h>
 #include <math.h>
@@ -31,7 +31,8 @@ static inline double knee_z(double a, double t, double c) {
 static inline float truncate1(float xf, float tf, float cf) {
     double a = fabs((double)xf), t = tf, c = cf;
     if (a <= t) return xf;
-    double y = t + (c - t) * tanh(knee_z(a, t, c));
+    double e = exp(-2.0 * knee_z(a, t, c)); /* tanh z = (1 - e) / (1 + e): one exp, as in backward */
+    double y = t + (c - t) * ((1.0 - e) / (1.0 + e));
     return (float)(xf < 0 ? -y : y);
 }
 
@@ -58,8 +59,9 @@ static void backward_rows(const float *restrict x, const float *restrict t, int6
                 grad_x[i] = (float)g;
                 continue;
             }
-            double z = knee_z(a, tv, cv), th = tanh(z), ch = cosh(z);
-            double s2 = 1.0 / (ch * ch);
+            /* one exp for both: tanh z = (1 - e) / (1 + e), sech^2 z = 4 e / (1 + e)^2, e = exp(-2z) */
+            double z = knee_z(a, tv, cv), e = exp(-2.0 * z), ip = 1.0 / (1.0 + e);
+            double th = (1.0 - e) * ip, s2 = 4.0 * e * ip * ip;
             double sg = xv < 0 ? -1.0 : 1.0;
             if (xv != xv) sg = NAN;
             grad_x[i] = (float)(g * s2);

@@ -110,8 +110,9 @@ def truncate(x: np.ndarray, threshold, ceiling) -> np.ndarray:
 
     Why this form: it is the identity on the bulk of the distribution (no change below the
     threshold), monotone and continuously differentiable (slope 1 at the knee, decaying to 0), and
-    it never reaches the ceiling for finite x, so with c = scale * qmax the quantizer's clamp
-    never bites: outliers are compressed into the last codes in order instead of being cut off.
+    it approaches the ceiling but never exceeds it (far outliers may round to c in float32), so
+    with c = scale * qmax the quantizer's clamp never bites: outliers are compressed into the last
+    codes in order instead of being cut off.
     Both t and c receive gradients (see truncate_backward), so training can move the knee and the
     range. NaN propagates; +-inf maps to +-c.
     """
