@@ -61,14 +61,19 @@ class _OpenBLAS:
 _BLAS = None
 
 
+def _num_threads():
+    """numpy's BLAS thread count: the parallelism sasq's own worker threads use too."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = _OpenBLAS()
+    return _BLAS.get() if _BLAS.get is not None else 1
+
+
 @contextlib.contextmanager
 def _blas_threads_for(macs):
     """One BLAS thread inside the block when the GEMM work is small; yields the thread count
     outside (1 when numpy's OpenBLAS was not found)."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _OpenBLAS()
-    n = _BLAS.get() if _BLAS.get is not None else 1
+    n = _num_threads()
     if macs >= SMALL_GEMM_MACS or n <= 1:
         yield n
         return
@@ -326,24 +331,53 @@ def _sigmoid(a):
 
 def swiglu_forward(gate, up):
     """h = silu(gate) * up. gate, up (..., I) -> h (..., I); backward needs gate and up."""
-    h = _sigmoid(gate)
+    h = np.empty_like(gate)
+    _over_rows(_swiglu_forward_part, (gate, up), (h,))
+    return h
+
+
+def _swiglu_forward_part(gate, up, h):
+    h[...] = _sigmoid(gate)
     h *= gate
     h *= up
-    return h
 
 
 def swiglu_backward(dh, gate, up):
     """dgate = dh * up * sig * (1 + gate * (1 - sig)), dup = dh * silu(gate)."""
+    dgate, dup = np.empty_like(gate), np.empty_like(up)
+    _over_rows(_swiglu_backward_part, (dh, gate, up), (dgate, dup))
+    return dgate, dup
+
+
+def _swiglu_backward_part(dh, gate, up, dgate, dup):
     sig = _sigmoid(gate)
     silu = gate * sig
-    dup = dh * silu
+    np.multiply(dh, silu, out=dup)
     # d silu / d gate = sig + silu * (1 - sig)
     dsilu = 1 - sig
     dsilu *= silu
     dsilu += sig
-    dgate = dh * up
+    np.multiply(dh, up, out=dgate)
     dgate *= dsilu
-    return dgate, dup
+
+
+# Elementwise work below this many elements stays on the calling thread.
+PARALLEL_ELEMS = 1 << 20
+
+
+def _over_rows(part, inputs, outputs):
+    """part(*inputs, *outputs) over row chunks of the flattened (N, last) arrays, split across
+    the worker threads for big arrays (NumPy's ufuncs release the GIL)."""
+    flat = [a.reshape(-1, a.shape[-1]) for a in (*inputs, *outputs)]
+    rows = flat[0].shape[0]
+    n = min(_num_threads(), rows) if inputs[0].size >= PARALLEL_ELEMS else 1
+    if n <= 1:
+        part(*flat)
+        return
+    cuts = np.linspace(0, rows, n + 1).astype(int)
+    futures = [_pool(n).submit(part, *[a[i:j] for a in flat]) for i, j in zip(cuts[:-1], cuts[1:])]
+    for f in futures:
+        f.result()
 
 
 # --------------------------------------------------------------------------- cross-entropy

@@ -129,6 +129,17 @@ def test_swiglu_backward(rng):
     assert_grad(du, numgrad(lambda x: np.sum(L.swiglu_forward(gate, x) * r), up))
 
 
+def test_swiglu_threaded_rows_equal_serial(rng, monkeypatch):
+    gate = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    up = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    dh = rng.standard_normal((3, 7, 5)).astype(np.float32)
+    serial = (L.swiglu_forward(gate, up), *L.swiglu_backward(dh, gate, up))
+    monkeypatch.setattr(L, "PARALLEL_ELEMS", 0)
+    threaded = (L.swiglu_forward(gate, up), *L.swiglu_backward(dh, gate, up))
+    for a, b in zip(serial, threaded):
+        assert np.array_equal(a, b)
+
+
 def test_swiglu_extreme_inputs_finite():
     gate = np.array([-1e4, -100.0, 0.0, 100.0, 1e4], dtype=np.float32)
     up = np.ones_like(gate)
