@@ -231,27 +231,27 @@ def _attention_forward_part(q, k, v, out, lse):
         lse[:, :, :, s:e] = (m + np.log(l)).reshape(b, kvh, g, n)
 
 
-def attention_backward(dout, q, k, v, out, lse):
+def attention_backward(dout, q, k, v, lse):
     """Gradients of attention_forward (flash-attention style recomputation of P per block).
 
-    dout, q, out (B, KVH, G, Tq, hd); k, v (B, KVH, Tk, hd); lse (B, KVH, G, Tq).
-    Returns dq (B, KVH, G, Tq, hd), dk, dv (B, KVH, Tk, hd).
+    dout, q (B, KVH, G, Tq, hd); k, v (B, KVH, Tk, hd); lse (B, KVH, G, Tq).
+    Returns dq (B, KVH, G, Tq, hd), dk, dv (B, KVH, Tk, hd). Each block holds whole rows of P,
+    so rowsum(P * dP) comes from the block itself and the forward output need not be kept.
     """
     dq = np.empty_like(q)
     dk = np.zeros_like(k)
     dv = np.zeros_like(v)
-    _over_kv_heads(_attention_backward_part, (dout, q, k, v, out, lse, dq, dk, dv),
+    _over_kv_heads(_attention_backward_part, (dout, q, k, v, lse, dq, dk, dv),
                    2 * q.size * k.shape[2])
     return dq, dk, dv
 
 
-def _attention_backward_part(dout, q, k, v, out, lse, dq, dk, dv):
+def _attention_backward_part(dout, q, k, v, lse, dq, dk, dv):
     """attention_backward for a slice of KV heads, writing dq and accumulating dk, dv."""
     b, kvh, g, tq, hd = q.shape
     tk = k.shape[2]
     off = tk - tq
     scale = q.dtype.type(1.0 / math.sqrt(hd))
-    delta = np.einsum("...d,...d->...", dout, out)  # (B, KVH, G, Tq) = rowsum(P * dP)
     blk = _block_rows(b, kvh * g, tq, tk)
     for s in range(0, tq, blk):
         e = min(s + blk, tq)
@@ -265,9 +265,8 @@ def _attention_backward_part(dout, q, k, v, out, lse, dq, dk, dv):
         np.exp(p, out=p)  # probabilities
         dv[:, :, :kend] += np.matmul(p.swapaxes(-1, -2), dob)  # (B, KVH, kend, hd)
         dp = np.matmul(dob, v[:, :, :kend].swapaxes(-1, -2))  # (B, KVH, G*n, kend)
-        dp5 = dp.reshape(b, kvh, g, n, kend)
-        dp5 -= delta[:, :, :, s:e, None]
-        dp *= p  # dS = P * (dP - delta)
+        dp -= np.einsum("...k,...k->...", p, dp)[..., None]  # dP - rowsum(P * dP)
+        dp *= p  # dS
         dq[:, :, :, s:e] = (np.matmul(dp, k[:, :, :kend]) * scale).reshape(b, kvh, g, n, hd)
         dk[:, :, :kend] += np.matmul(dp.swapaxes(-1, -2), qb)  # S = qb k^T: scale is in qb
 

@@ -359,6 +359,7 @@ class LlamaModel:
         q = L.linear_forward(h, w.q_proj).reshape(B, T, H, hd)
         k = L.linear_forward(h, w.k_proj).reshape(B, T, KVH, hd)
         v = L.linear_forward(h, w.v_proj)  # (B, T, KVH*hd)
+        del h
         q = L.rope_forward(q, cos, sin)  # (B, T, H, hd)
         k = L.rope_forward(k, cos, sin).reshape(B, T, KVH * hd)
         if hook is not None:
@@ -372,9 +373,11 @@ class LlamaModel:
             kh, vh = cache.append(i, kh, vh)  # (B, KVH, Tk, hd)
         att, lse = L.attention_forward(qh, kh, vh)  # (B, KVH, G, T, hd), (B, KVH, G, T)
         o = np.ascontiguousarray(att.transpose(0, 3, 1, 2, 4)).reshape(B, T, H * hd)
-        o_in = hook.forward(i, "o_in", o) if hook is not None else o
-        x_mid = x + L.linear_forward(o_in, w.o_proj)  # (B, T, C)
-        del o_in
+        del att
+        if hook is not None:
+            o = hook.forward(i, "o_in", o)
+        x_mid = x + L.linear_forward(o, w.o_proj)  # (B, T, C)
+        del o
 
         # MLP block
         h2, n2 = L.rmsnorm_forward(x_mid, w.post_attention_layernorm, c.rms_norm_eps)
@@ -384,13 +387,16 @@ class LlamaModel:
         up = L.linear_forward(h2, w.up_proj)  # (B, T, I)
         del h2
         d = L.swiglu_forward(gate, up)  # (B, T, I)
+        if not keep:
+            del gate, up
         if hook is not None:
             d = hook.forward(i, "down_in", d)
         x_out = L.linear_forward(d, w.down_proj)
+        del d
         x_out += x_mid
         if not keep:
             return x_out, None
-        saved = dict(n1=n1, qh=qh, kh=kh, vh=vh, att=o, lse=lse, n2=n2, gate=gate, up=up)
+        saved = dict(n1=n1, qh=qh, kh=kh, vh=vh, lse=lse, n2=n2, gate=gate, up=up)
         return x_out, saved
 
     def _layer_backward(self, i, dx, s, cos, sin, hook):
@@ -417,9 +423,8 @@ class LlamaModel:
         if hook is not None:
             do = hook.backward(i, "o_in", do)
         do_h = np.ascontiguousarray(do.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
-        att_h = np.ascontiguousarray(s["att"].reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
-        dqh, dkh, dvh = L.attention_backward(do_h, s["qh"], s["kh"], s["vh"], att_h, s["lse"])
-        del do_h, att_h
+        dqh, dkh, dvh = L.attention_backward(do_h, s["qh"], s["kh"], s["vh"], s["lse"])
+        del do_h
         dq = np.ascontiguousarray(dqh.transpose(0, 3, 1, 2, 4)).reshape(B, T, H, hd)
         dk = np.ascontiguousarray(dkh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
         dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
