@@ -360,21 +360,28 @@ def _swiglu_backward_part(dh, gate, up, dgate, dup):
     dgate *= dsilu
 
 
-# Elementwise work below this many elements stays on the calling thread.
-PARALLEL_ELEMS = 1 << 20
+# Elementwise work runs in row chunks of about this many elements: bounded temporaries that
+# stay in cache; with more than one chunk, the chunks are shared among the worker threads.
+CHUNK_ELEMS = 1 << 18
 
 
 def _over_rows(part, inputs, outputs):
-    """part(*inputs, *outputs) over row chunks of the flattened (N, last) arrays, split across
-    the worker threads for big arrays (NumPy's ufuncs release the GIL)."""
+    """part(*inputs, *outputs) over row chunks of the flattened (N, last) arrays (NumPy's
+    ufuncs release the GIL, so the worker threads run chunks in parallel)."""
     flat = [a.reshape(-1, a.shape[-1]) for a in (*inputs, *outputs)]
-    rows = flat[0].shape[0]
-    n = min(_num_threads(), rows) if inputs[0].size >= PARALLEL_ELEMS else 1
+    rows, width = flat[0].shape
+    step = max(1, CHUNK_ELEMS // max(1, width))
+    chunks = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+    n = min(_num_threads(), len(chunks))
+
+    def run(sub):
+        for i, j in sub:
+            part(*[a[i:j] for a in flat])
+
     if n <= 1:
-        part(*flat)
+        run(chunks)
         return
-    cuts = np.linspace(0, rows, n + 1).astype(int)
-    futures = [_pool(n).submit(part, *[a[i:j] for a in flat]) for i, j in zip(cuts[:-1], cuts[1:])]
+    futures = [_pool(n).submit(run, chunks[w::n]) for w in range(n)]
     for f in futures:
         f.result()
 
