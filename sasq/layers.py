@@ -294,27 +294,17 @@ def _over_kv_heads(part, arrays, macs):
 
 
 _POOL = None
+_POOL_PID = None
 
 
 def _pool(n):
-    global _POOL
-    if _POOL is None or _POOL._max_workers < n:
+    """The shared worker threads (re-created in a forked child, where they do not exist)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL._max_workers < n or _POOL_PID != os.getpid():
         _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=n,
-                                                      thread_name_prefix="sasq-attn")
+                                                      thread_name_prefix="sasq-worker")
+        _POOL_PID = os.getpid()
     return _POOL
-
-
-def attention_reference(q, k, v):
-    """Naive (B, KVH, G, Tq, Tk) attention: the readable reference for tests."""
-    hd = q.shape[-1]
-    tq, tk = q.shape[3], k.shape[2]
-    sc = np.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(hd)
-    allowed = np.arange(tk)[None, :] <= (tk - tq + np.arange(tq))[:, None]
-    sc = np.where(allowed, sc, -np.inf)
-    sc = sc - sc.max(-1, keepdims=True)
-    p = np.exp(sc)
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("bkgts,bksd->bkgtd", p, v).astype(q.dtype)
 
 
 # --------------------------------------------------------------------------- SwiGLU
