@@ -307,6 +307,19 @@ def _pool(n):
     return _POOL
 
 
+def attention_reference(q, k, v):
+    """Naive (B, KVH, G, Tq, Tk) attention: the readable reference for tests."""
+    hd = q.shape[-1]
+    tq, tk = q.shape[3], k.shape[2]
+    sc = np.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(hd)
+    allowed = np.arange(tk)[None, :] <= (tk - tq + np.arange(tq))[:, None]
+    sc = np.where(allowed, sc, -np.inf)
+    sc = sc - sc.max(-1, keepdims=True)
+    p = np.exp(sc)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bkgts,bksd->bkgtd", p, v).astype(q.dtype)
+
+
 # --------------------------------------------------------------------------- SwiGLU
 
 def _sigmoid(a):
