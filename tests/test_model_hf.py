@@ -163,3 +163,24 @@ def test_bad_ids_are_value_errors(stories_dir):
     for ids in [np.array([[0, 512]]), np.array([[-1]]), np.zeros((1, 0), int), np.ones((1, 2)) * 0.5]:
         with pytest.raises(ValueError):
             model.forward(ids)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, dtype):
+    """A bf16/f16 checkpoint: sasq upcasts to float32 like transformers loading it in float32."""
+    hf = make_hf(tmp_path / "f32")
+    hf.to(getattr(torch, dtype)).save_pretrained(tmp_path / "half", safe_serialization=True)
+    model = sasq.load(tmp_path / "half")
+    assert model.dtype == np.float32
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "half", dtype=torch.float32)
+    ids = np.random.default_rng(3).integers(0, 101, (2, 19))
+    assert_logits_close(model.forward(ids), hf_logits(ref.eval(), ids))
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = make_hf(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    model = sasq.load(tmp_path / "sharded")
+    ids = np.random.default_rng(4).integers(0, 101, (1, 23))
+    assert_logits_close(model.forward(ids), hf_logits(hf, ids))
