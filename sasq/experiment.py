@@ -240,8 +240,8 @@ def render_markdown(doc: dict) -> str:
     lines.append("|" + "---|" * len(head))
     cells: dict = {}
     order = []
-    for r in rows:
-        k = cell_key(r["method"], r["bits"], r["objective"])
+    for r in rows:  # the training split is part of a line's identity (merged tables)
+        k = cell_key(r["method"], r["bits"], r["objective"]) + "|" + str(r.get("trained_on"))
         if k not in cells:
             cells[k] = {}
             order.append(k)
@@ -249,7 +249,7 @@ def render_markdown(doc: dict) -> str:
     method_rank = {m: i for i, m in enumerate(METHODS)}
     bits_rank = {b: i for i, b in enumerate(meta.get("bits", []))}
     order.sort(key=lambda k: (bits_rank.get(k.split("|")[1], -1), method_rank.get(k.split("|")[0], 99),
-                              k.split("|")[2]))
+                              k.split("|")[2], k.split("|", 3)[3]))
     for k in order:
         c = cells[k]
         r0 = next(iter(c.values()))
