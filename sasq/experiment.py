@@ -264,10 +264,37 @@ def render_markdown(doc: dict) -> str:
                 line += [_fmt_ppl(r["ppl"]), "-" if d is None else f"{d * 100:+.1f}%"]
         lines.append("| " + " | ".join(line) + " |")
     lines.append("")
+    lines.append(f"## Compact view (cells: PPL on {' / '.join(evals)})")
+    lines.append("")
+    lines.append(render_compact(doc))
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- data
+
+def render_compact(doc: dict) -> str:
+    """Pivot: one line per (method, objective, training split), one column per bit config,
+    each cell "PPL eval-1 / PPL eval-2 / ..." in the order of meta["evals"]."""
+    meta, rows = doc["meta"], doc["rows"]
+    evals = meta.get("evals", sorted({r["eval"] for r in rows}))
+    bits = list(meta.get("bits", []))
+    if any(r["bits"] == "-" for r in rows):
+        bits = ["-"] + bits
+    lines_ = {}
+    for r in rows:
+        k = (r["method"], r["objective"], r["trained_on"])
+        lines_.setdefault(k, {}).setdefault(r["bits"], {})[r["eval"]] = r["ppl"]
+    rank = {m: i for i, m in enumerate(METHODS)}
+    out = ["| method | obj | trained on | " + " | ".join("no quant" if b == "-" else b for b in bits) + " |",
+           "|" + "---|" * (3 + len(bits))]
+    for k in sorted(lines_, key=lambda k: (rank.get(k[0], 99), k[1], k[2])):
+        cells = []
+        for b in bits:
+            c = lines_[k].get(b)
+            cells.append("" if c is None else " / ".join(_fmt_ppl(c.get(e)) for e in evals))
+        out.append(f"| {METHOD_LABELS.get(k[0], k[0])} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
 
 def _read_text(path) -> str:
     p = Path(path)

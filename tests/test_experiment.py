@@ -46,6 +46,7 @@ def test_results_round_trip_resume_and_markdown(tmp_path):
     line = next(l for l in md.splitlines() if l.startswith("| SASQ hard clamp"))
     assert "12.50" in line and "+25.0%" in line and "4.40" in line and "+10.0%" in line
     assert "FP32 PPL 10.00, 5 windows x 8 tokens" in md
+    assert "| SASQ hard clamp | ce | valid.txt | 12.50 / 4.40 |" in md  # the compact pivot
 
 
 def test_corrupt_results_file_is_a_clear_error(tmp_path):
