@@ -147,7 +147,8 @@ def _check_rope_scaling(s):
     missing = [k for k in keys if k not in s]
     if missing:
         raise ValueError(f"config field rope_scaling (llama3) lacks {', '.join(missing)}")
-    out = {"rope_type": "llama3", **{k: float(s[k]) for k in keys}}
+    out = {"rope_type": "llama3", **{k: float(s[k]) for k in keys[:3]},
+           "original_max_position_embeddings": int(s["original_max_position_embeddings"])}
     if out["high_freq_factor"] == out["low_freq_factor"]:
         raise ValueError("config field rope_scaling: high_freq_factor must differ from "
                          "low_freq_factor")
