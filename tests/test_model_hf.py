@@ -184,3 +184,13 @@ def test_sharded_checkpoint(tmp_path):
     model = sasq.load(tmp_path / "sharded")
     ids = np.random.default_rng(4).integers(0, 101, (1, 23))
     assert_logits_close(model.forward(ids), hf_logits(hf, ids))
+
+
+def test_long_context_llama3(tmp_path):
+    """Positions up to 1500 (RoPE angles in float32 far from the origin), several blocks of
+    query rows in the blocked attention."""
+    sc = {**LLAMA3, "original_max_position_embeddings": 256}
+    hf = make_hf(tmp_path, rope_theta=500000.0, rope_scaling=sc, max_position_embeddings=2048)
+    model = sasq.load(tmp_path)
+    ids = np.random.default_rng(5).integers(0, 101, (1, 1500))
+    assert_logits_close(model.forward(ids), hf_logits(hf, ids))
