@@ -16,7 +16,7 @@ _EXPORTS = {
     "PerplexityResult": "sasq.eval",
     "QuantPlan": "sasq.quant",
     "quantize": "sasq.quant",
-    "calibrate": "sasq.calibrate",
+    "calibrate": "sasq.calibration",
     "train_scales": "sasq.train",
     "set_num_threads": "sasq.ops",
     "get_num_threads": "sasq.ops",

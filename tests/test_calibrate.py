@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from sasq.calibrate import calibrate
+from sasq.calibration import calibrate
 from sasq.model import LlamaConfig, random_model
 from sasq.quant import QuantPlan, quantize
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sasq import quant_hooks
-from sasq.calibrate import calibrate
+from sasq.calibration import calibrate
 from sasq.model import LlamaConfig, random_model
 from sasq.quant import QuantPlan, quantize, quantize_weight, fake_quant_weight
 from sasq.smoothquant import smoothing_factors

@@ -26,7 +26,7 @@ import pytest
 
 from sasq.model import LlamaConfig, LlamaModel
 from sasq.quant import QuantPlan, quantize
-from sasq.calibrate import calibrate
+from sasq.calibration import calibrate
 
 FD_STEP = 1e-5
 FD_RTOL = 1e-5            # central differences in float64, O(h^2) + rounding

@@ -16,6 +16,8 @@ The adapted-FP32 control takes the clip threshold c = the same statistic (no /qm
 the MSE-optimal clip is the absmax). Truncation parameters restart at t = TRUNC_INIT * c, control
 gains at 1.
 """
+# Not named calibrate.py: importing a submodule sets the package attribute of the same name,
+# which would shadow the public function sasq.calibrate.
 from __future__ import annotations
 
 import math
