@@ -10,13 +10,12 @@ query heads per KV head, hd head dim, I intermediate, V vocab.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import ctypes
-import glob
 import math
 import os
 
 import numpy as np
+
+from sasq.blas import blas_threads_for, matmul, num_threads
 
 # Elements of one attention score block (B*H*Tq_block*Tk) at most: far below the full
 # (B, H, T, T) matrix. Blocks are also at most ~T/8 rows so that skipping the keys above the
@@ -25,69 +24,6 @@ ATTN_BLOCK_ELEMS = 1 << 20
 ATTN_MIN_ROWS = 16
 # Attention with fewer multiply-adds than this runs on the calling thread (decode steps).
 ATTN_PARALLEL_MACS = 1 << 22
-
-
-# --------------------------------------------------------------------------- BLAS threads
-
-# GEMMs with fewer multiply-adds (per matrix product) than this run on one BLAS thread: for
-# small shapes the threads' start/stop costs more than they save, and on a busy machine
-# OpenBLAS's spinning threads made a (512, 64) x (64, 64) GEMM 100x slower (stories260K's
-# whole forward is small GEMMs).
-SMALL_GEMM_MACS = 1 << 25
-
-
-class _OpenBLAS:
-    """numpy's bundled OpenBLAS thread count through ctypes; a no-op when not found."""
-
-    def __init__(self):
-        self.get = self.set = None
-        libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
-                                      "*openblas*.so*"))
-        for lib in libs:
-            try:
-                dll = ctypes.CDLL(lib)
-            except OSError:
-                continue
-            for pre in ("scipy_openblas_", "openblas_"):
-                for suf in ("64_", "_64_", ""):
-                    g = getattr(dll, f"{pre}get_num_threads{suf}", None)
-                    st = getattr(dll, f"{pre}set_num_threads{suf}", None)
-                    if g is not None and st is not None:
-                        g.restype, st.argtypes = ctypes.c_int, [ctypes.c_int]
-                        self.get, self.set = g, st
-                        return
-
-
-_BLAS = None
-
-
-def _num_threads():
-    """numpy's BLAS thread count: the parallelism sasq's own worker threads use too."""
-    global _BLAS
-    if _BLAS is None:
-        _BLAS = _OpenBLAS()
-    return _BLAS.get() if _BLAS.get is not None else 1
-
-
-@contextlib.contextmanager
-def _blas_threads_for(macs):
-    """One BLAS thread inside the block when the GEMM work is small; yields the thread count
-    outside (1 when numpy's OpenBLAS was not found)."""
-    n = _num_threads()
-    if macs >= SMALL_GEMM_MACS or n <= 1:
-        yield n
-        return
-    _BLAS.set(1)
-    try:
-        yield n
-    finally:
-        _BLAS.set(n)
-
-
-def matmul(a, b):
-    """np.matmul on one BLAS thread when each matrix product is small (SMALL_GEMM_MACS)."""
-    with _blas_threads_for(a.shape[-2] * a.shape[-1] * b.shape[-1]):
-        return np.matmul(a, b)
 
 
 # --------------------------------------------------------------------------- linear
@@ -281,7 +217,7 @@ def _over_kv_heads(part, arrays, macs):
     """
     bk = arrays[0].shape[0] * arrays[0].shape[1]
     flat = [a.reshape((1, bk) + a.shape[2:]) for a in arrays]
-    with _blas_threads_for(0) as n:
+    with blas_threads_for(0) as n:
         n = min(n, bk) if macs >= ATTN_PARALLEL_MACS else 1
         if n <= 1:
             part(*flat)
@@ -375,7 +311,7 @@ def _over_rows(part, inputs, outputs):
     rows, width = flat[0].shape
     step = max(1, CHUNK_ELEMS // max(1, width))
     chunks = [(i, min(i + step, rows)) for i in range(0, rows, step)]
-    n = min(_num_threads(), len(chunks))
+    n = min(num_threads(), len(chunks))
 
     def run(sub):
         for i, j in sub:

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from sasq import _C
+from sasq import _C, blas
 
 __all__ = [
     "quantize", "dequantize", "fake_quant", "fake_quant_backward",
@@ -170,10 +170,12 @@ def linear_int8(a_q: np.ndarray, packed: PackedWeights, a_scale: float, w_scales
 # ---------------------------------------------------------------- threads and ISA
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the GEMM (1..256)."""
+    """Threads of sasq as a whole (1..256): the C kernels' pool and numpy's BLAS, which the
+    NumPy model's own worker threads follow."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     _C.set_num_threads(int(n))
+    blas.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:
