@@ -23,16 +23,16 @@ model itself with a seed different from the training samples ("own-domain").
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sasq import datafree
+from sasq.atomic import atomic_write
 
 METHODS = ("fp32", "adapted_fp32", "static_tensor", "static_channel", "dynamic_token",
            "smoothquant", "sasq", "sasq_trunc")
@@ -140,19 +140,8 @@ def describe(method: str, plan) -> dict:
 # --------------------------------------------------------------------------- results file
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def cell_key(method: str, bits: str, objective: str) -> str:
@@ -310,9 +299,8 @@ def _cached_samples(path: Path, model, n, length, seed, temperature, progress) -
         if a.shape == (n, length):
             return a
     a = datafree.sample_windows(model, n, length, temperature=temperature, seed=seed, progress=progress)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
-    np.save(tmp, a)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.save(f, a)
     return a
 
 

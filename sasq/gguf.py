@@ -14,14 +14,13 @@ attn_q/attn_k: HF row (j*hd/2 + i) [j in {0,1}] is stored at row (2i + j). We un
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from tokenizers import processors
 
+from .atomic import atomic_write
 from .gguf_dequant import KNOWN_UNSUPPORTED_SIZES, TYPE_NAMES, TYPE_SIZES, dequantize
 from .gguf_reader import read_gguf
 from .gguf_tokenizer import KNOWN_PRE, build_bpe_tokenizer, special_ids
@@ -222,11 +221,9 @@ def _has_bpe_tokenizer(meta, path) -> bool:
 
 
 def _write_json(path: Path, obj):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_write(path, "w") as fh:
         json.dump(obj, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def convert_gguf(path, out_dir, progress=False) -> Path:
@@ -246,10 +243,8 @@ def convert_gguf(path, out_dir, progress=False) -> Path:
             bos_tok = meta["tokenizer.ggml.tokens"][bos]
             tok.post_processor = processors.TemplateProcessing(
                 single=f"{bos_tok} $A", pair=f"{bos_tok} $A {bos_tok} $B", special_tokens=[(bos_tok, bos)])
-        fd, tmp = tempfile.mkstemp(dir=out, prefix="tokenizer.json", suffix=".tmp")
-        os.close(fd)
-        tok.save(tmp)
-        os.replace(tmp, out / "tokenizer.json")
+        with atomic_write(out / "tokenizer.json", "w") as fh:
+            fh.write(tok.to_str(pretty=True))
         tokens = meta["tokenizer.ggml.tokens"]
         tc = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": add_bos, "add_eos_token": False,
               "model_max_length": cfg["max_position_embeddings"], "clean_up_tokenization_spaces": False}

@@ -12,11 +12,11 @@ BF16 are converted to float32 (BF16 via uint16 << 16) when loaded.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from sasq.atomic import atomic_write
 
 # safetensors dtype name -> numpy dtype of the bytes on disk (little-endian)
 _DTYPES = {
@@ -232,22 +232,11 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
         header = {"__metadata__": dict(metadata), **header}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for a in arrays:
-                f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
 
 
 def default_model_dir() -> Path:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from sasq import losses
+from sasq.atomic import atomic_write
 
 OBJECTIVES = ("ce", "kl")
 SCHEDULES = ("cosine", "constant")
@@ -187,21 +187,8 @@ class _Space:
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write an .npz so that `path` is either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def save_checkpoint(path, keys, var, m, v, best, state: dict, floors=None) -> None:

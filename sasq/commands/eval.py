@@ -1,8 +1,8 @@
 """`python -m sasq eval`: perplexity of a model on a text file (QuaRot/GPTQ protocol)."""
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from sasq.atomic import atomic_write
 
 
 def add_arguments(p):
@@ -18,16 +18,9 @@ def add_arguments(p):
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def main(args) -> int:
