@@ -72,7 +72,7 @@ def fetch_smollm2(quiet=False) -> tuple[Path, Path]:
         raise RuntimeError(f"{gguf}: sha256 mismatch (expected {SMOLLM2_SHA256}); delete it and rerun")
     if not (hf / "config.json").is_file():
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from sasq.gguf import convert_gguf
+        from sasq.io.gguf import convert_gguf
 
         tmp = Path(tempfile.mkdtemp(dir=hf.parent, prefix="hf.tmp"))
         tmp.chmod(0o755)

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "load": "sasq.model",
+    "load": "sasq.io",
     "LlamaModel": "sasq.model",
     "LlamaConfig": "sasq.model",
     "perplexity": "sasq.eval",

@@ -127,7 +127,7 @@ def test_nan_logits_warn_not_silent():
 
 
 def test_tokenize_corpus_bos_once(stories_dir):
-    from sasq.tokenizer import load_tokenizer
+    from sasq.io.tokenizer import load_tokenizer
     tok = load_tokenizer(stories_dir)
     ids = tokenize_corpus(tok, "One day.\n\nAnother day.")
     assert ids.dtype == np.int64 and ids[0] == tok.bos_id and (ids == tok.bos_id).sum() == 1
@@ -139,8 +139,8 @@ def test_tokenize_corpus_bos_once(stories_dir):
 
 @pytest.fixture(scope="module")
 def stories(stories_dir):
-    model_mod = pytest.importorskip("sasq.model", reason="sasq.model (model helper) not available")
-    return model_mod.load(stories_dir)
+    import sasq
+    return sasq.load(stories_dir)
 
 
 def test_stories_perplexity_matches_torch_on_own_logits(stories, wikitext_test):

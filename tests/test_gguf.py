@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from sasq import gguf_dequant as gd
-from sasq.gguf import convert_gguf, hf_name, load_gguf_tensors, permute_qk, unpermute_qk
-from sasq.gguf_reader import read_gguf
+from sasq.io import gguf_dequant as gd
+from sasq.io.gguf import convert_gguf, hf_name, load_gguf_tensors, permute_qk, unpermute_qk
+from sasq.io.gguf_reader import read_gguf
 
 DEQUANT_RTOL = 1e-6   # float32 evaluation order may differ from the float64 scalar reference
 DEQUANT_ATOL = 1e-6
@@ -484,7 +484,7 @@ def test_model_errors(tmp_path):
 
 def test_tokenizer_from_metadata(tmp_path):
     pytest.importorskip("tokenizers")
-    from sasq.gguf import load_gguf
+    from sasq.io.gguf import load_gguf
     _, _, tok = load_gguf(tiny_gguf(tmp_path / "t.gguf", hf_tiny_weights()))
     assert (tok.bos_id, tok.eos_id, tok.add_bos) == (1, 2, True)
     ids = tok.encode("abc ab cd", add_bos=False)
@@ -523,7 +523,7 @@ def test_convert_and_load_agree(tmp_path):
 
 
 def test_sentencepiece_vocab_loads_without_tokenizer(tmp_path):
-    from sasq.gguf import load_gguf
+    from sasq.io.gguf import load_gguf
     p = tiny_gguf(tmp_path / "t.gguf", hf_tiny_weights(), kv_extra=[])
     data = p.read_bytes().replace(_s("tokenizer.ggml.model") + struct.pack("<I", 8) + _s("gpt2"),
                                   _s("tokenizer.ggml.model") + struct.pack("<I", 8) + _s("llam"))
@@ -534,7 +534,7 @@ def test_sentencepiece_vocab_loads_without_tokenizer(tmp_path):
 
 
 def test_unknown_pre_tokenizer_loads_without_tokenizer(tmp_path):
-    from sasq.gguf import load_gguf
+    from sasq.io.gguf import load_gguf
     p = tiny_gguf(tmp_path / "t.gguf", hf_tiny_weights())
     p.write_bytes(p.read_bytes().replace(_s("smollm"), _s("qwen99")))
     with pytest.warns(RuntimeWarning, match="'qwen99' is not supported"):

@@ -85,7 +85,7 @@ def test_weights_equal_transformers_gguf_loader(smollm2):
     pytest.importorskip("torch")
     tg = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
     from transformers import LlamaConfig, LlamaForCausalLM
-    from sasq.gguf import load_gguf_tensors
+    from sasq.io.gguf import load_gguf_tensors
     cfg, ours, _ = load_gguf_tensors(smollm2[0])
     hfc = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "model_type")})
     out = tg.load_gguf_checkpoint(str(smollm2[0]), return_tensors=True, model_to_load=LlamaForCausalLM(hfc))

@@ -1,11 +1,11 @@
-"""sasq.tokenizer: the same ids as transformers / sentencepiece, and BOS handling."""
+"""sasq.io.tokenizer: the same ids as transformers / sentencepiece, and BOS handling."""
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from sasq.tokenizer import Tokenizer, load_tokenizer
+from sasq.io.tokenizer import Tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

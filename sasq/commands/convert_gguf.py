@@ -13,7 +13,7 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    from sasq.gguf import convert_gguf
+    from sasq.io.gguf import convert_gguf
 
     out = convert_gguf(args.gguf, args.out_dir, progress=not args.quiet)
     print(out)

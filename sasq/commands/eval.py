@@ -26,7 +26,7 @@ def _write_json_atomic(path: Path, obj) -> None:
 def main(args) -> int:
     from sasq.eval import perplexity, tokenize_corpus
     from sasq.io import default_model_dir
-    from sasq.model import load
+    from sasq.io import load
 
     model_path = Path(args.model) if args.model else default_model_dir()
     data = Path(args.data)

@@ -237,8 +237,3 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
         f.write(raw)
         for a in arrays:
             f.write(a.reshape(-1).view(np.uint8).data if a.size else b"")
-
-
-def default_model_dir() -> Path:
-    """The bundled stories260K model (HF layout, MIT licence; see assets/stories260K/LICENSE)."""
-    return Path(__file__).resolve().parent / "assets" / "stories260K"

@@ -3,8 +3,8 @@
     config, tensors, tokenizer = load_gguf("model.gguf")     # sasq.load("model.gguf") uses this
     convert_gguf("model.gguf", "out_dir")                      # config.json + model.safetensors + tokenizer
 
-Pieces: sasq/gguf_reader.py (container), sasq/gguf_dequant.py (block types -> float32),
-sasq/gguf_tokenizer.py (BPE tokenizer from metadata). This file maps llama.cpp's names and q/k row
+Pieces: sasq/io/gguf_reader.py (container), sasq/io/gguf_dequant.py (block types -> float32),
+sasq/io/gguf_tokenizer.py (BPE tokenizer from metadata). This file maps llama.cpp's names and q/k row
 order to HF's LlamaForCausalLM layout.
 
 q/k rows: HF's Llama applies RoPE in rotate_half form (dims i and i + hd/2 rotate together), llama.cpp
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import processors
 
-from .atomic import atomic_write
+from sasq.atomic import atomic_write
 from .gguf_dequant import KNOWN_UNSUPPORTED_SIZES, TYPE_NAMES, TYPE_SIZES, dequantize
 from .gguf_reader import read_gguf
 from .gguf_tokenizer import KNOWN_PRE, build_bpe_tokenizer, special_ids
@@ -229,7 +229,7 @@ def _write_json(path: Path, obj):
 def convert_gguf(path, out_dir, progress=False) -> Path:
     """Write an HF-style directory (config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json) that both sasq.load and transformers load. Returns out_dir."""
-    from .io import save_safetensors
+    from .safetensors import save_safetensors
 
     cfg, tensors, meta = load_gguf_tensors(path, progress=progress)
     out = Path(out_dir)
