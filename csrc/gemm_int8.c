@@ -439,7 +439,13 @@ sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *
     /* combined scales, padded to whole panels so SIMD loads stay in bounds */
     float *comb = calloc((size_t)(p->n_panels * SASQ_NR), sizeof(float));
     if (!comb) return SASQ_ERR_NOMEM;
-    for (int64_t j = 0; j < p->n; j++) comb[j] = a_scale * w_scales[j];
+    for (int64_t j = 0; j < p->n; j++) {
+        comb[j] = a_scale * w_scales[j];
+        if (!sasq_linear_scale_ok(comb[j], p->k)) { /* overflow, underflow, NaN: refuse */
+            free(comb);
+            return SASQ_ERR_ARG;
+        }
+    }
     sasq_status st = gemm_run(a, m, p, NULL, y, comb);
     free(comb);
     return st;

@@ -81,6 +81,25 @@ static int64_t check_scale(PyObject *o, const char *name, int64_t cols, const fl
     return n == 1 ? 0 : 1;
 }
 
+/* s * top finite in float32 for each of the n values (top: qmax of the grid, or 128 for any int8
+ * code), so the grid's ends and every dequantized value are representable (sasq_grid_top_ok). */
+static int check_grid_top(const float *s, int64_t n, int top, const char *name, const char *what) {
+    for (int64_t i = 0; i < n; i++) {
+        if (!sasq_grid_top_ok(s[i], (float)top)) {
+            char v[100]; /* PyErr_Format has no %g */
+            snprintf(v, sizeof v, "%.9g at index %lld; the largest allowed is %.9g", (double)s[i],
+                     (long long)i, (double)(FLT_MAX / top));
+            PyErr_Format(PyExc_ValueError, "%s * %s overflows float32 (%s %s)", name, what, name, v);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_grid(const float *s, int64_t stride, int64_t cols, int bits, const char *name) {
+    return check_grid_top(s, stride ? cols : 1, sasq_qmax(bits), name, "qmax");
+}
+
 static int raise_status(sasq_status st, const char *what) {
     switch (st) {
     case SASQ_OK: return 0;
@@ -89,6 +108,10 @@ static int raise_status(sasq_status st, const char *what) {
                      "finite values)", what);
         return -1;
     case SASQ_ERR_NOMEM: PyErr_NoMemory(); return -1;
+    case SASQ_ERR_ARG:
+        PyErr_Format(PyExc_ValueError, "%s: invalid arguments (a scale that overflows float32?)",
+                     what);
+        return -1;
     default: PyErr_Format(PyExc_ValueError, "%s: invalid arguments", what); return -1;
     }
 }
@@ -109,7 +132,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (!x || check_bits(bits)) return NULL;
     int64_t cols = last_dim(x), rows = PyArray_SIZE(x) / cols;
     const float *s;
-    int64_t ss = check_scale(so, "scale", cols, &s);
+    int64_t ss = check_scale(so, "scale", cols, &s); /* no grid rule: x / s = inf only saturates */
     if (ss < 0) return NULL;
     PyArrayObject *q = new_like(x, NPY_INT8);
     if (!q) return NULL;
@@ -129,7 +152,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     int64_t cols = last_dim(q), rows = PyArray_SIZE(q) / cols;
     const float *s;
     int64_t ss = check_scale(so, "scale", cols, &s);
-    if (ss < 0) return NULL;
+    if (ss < 0 || check_grid_top(s, ss ? cols : 1, 128, "scale", "128")) return NULL;
     PyArrayObject *x = new_like(q, NPY_FLOAT32);
     if (!x) return NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -147,7 +170,7 @@ static PyObject *py_fake_quant(PyObject *self, PyObject *args) {
     int64_t cols = last_dim(x), rows = PyArray_SIZE(x) / cols;
     const float *s;
     int64_t ss = check_scale(so, "scale", cols, &s);
-    if (ss < 0) return NULL;
+    if (ss < 0 || check_grid(s, ss, cols, bits, "scale")) return NULL;
     PyArrayObject *y = new_like(x, NPY_FLOAT32);
     if (!y) return NULL;
     Py_BEGIN_ALLOW_THREADS
@@ -181,7 +204,7 @@ static PyObject *py_fake_quant_backward(PyObject *self, PyObject *args) {
     int64_t cols = last_dim(x), rows = PyArray_SIZE(x) / cols;
     const float *s;
     int64_t ss = check_scale(so, "scale", cols, &s);
-    if (ss < 0) return NULL;
+    if (ss < 0 || check_grid(s, ss, cols, bits, "scale")) return NULL;
     npy_intp ns = ss ? cols : 1;
     PyArrayObject *gx = new_like(x, NPY_FLOAT32);
     PyArrayObject *gs = (PyArrayObject *)PyArray_SimpleNew(1, &ns, NPY_FLOAT32);
@@ -270,15 +293,15 @@ static PyObject *py_truncate_quantize(PyObject *self, PyObject *args) {
     int64_t ts = check_scale(to, "threshold", cols, &t);
     if (ts < 0) return NULL;
     int64_t ss = check_scale(so, "scale", cols, &s);
-    if (ss < 0) return NULL;
+    if (ss < 0 || check_grid(s, ss, cols, bits, "scale")) return NULL;
     const float qm = (float)sasq_qmax(bits);
     for (int64_t j = 0; j < ((ts || ss) ? cols : 1); j++) {
         float tv = t[j * ts], cv = s[j * ss] * qm; /* the ceiling the kernel uses */
         if (!(tv < cv)) {
             char v[80];
             snprintf(v, sizeof v, "threshold %.9g >= scale * qmax = %.9g", (double)tv, (double)cv);
-            PyErr_Format(PyExc_ValueError, "threshold must be < scale * qmax, got %s at channel "
-                         "%lld", v, (long long)j);
+            PyErr_Format(PyExc_ValueError, "threshold must be < scale * qmax (qmax = %d at %d "
+                         "bits), got %s at channel %lld", sasq_qmax(bits), bits, v, (long long)j);
             return NULL;
         }
     }
@@ -462,6 +485,17 @@ static PyObject *py_linear_int8(PyObject *self, PyObject *args) {
     for (int64_t j = 0; j < P->p.n; j++) {
         if (!(isfinite(wsp[j]) && wsp[j] > 0.0f)) {
             PyErr_Format(PyExc_ValueError, "w_scales must be finite and > 0 (index %lld)", (long long)j);
+            return NULL;
+        }
+        float comb = (float)a_scale * wsp[j];
+        if (!sasq_linear_scale_ok(comb, P->p.k)) {
+            char v[160]; /* PyErr_Format has no %g */
+            snprintf(v, sizeof v, "%.9g * %.9g = %.9g in float32; it must lie in [%.9g, %.9g]",
+                     (double)(float)a_scale, (double)wsp[j], (double)comb, (double)FLT_MIN,
+                     FLT_MAX / (SASQ_LINEAR_MAX_ACC * (double)P->p.k));
+            PyErr_Format(PyExc_ValueError, "a_scale * w_scales[%lld] = %s (a normal float32 with "
+                         "16384 * K * scale finite, so that no output overflows or is 0 * inf)",
+                         (long long)j, v);
             return NULL;
         }
     }

@@ -12,6 +12,8 @@
 #ifndef SASQ_H
 #define SASQ_H
 
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -53,6 +55,20 @@ static inline int64_t sasq_chunk_rows(int64_t rows, int64_t cols) {
 /* ---- quantization (quant.c) ---- */
 static inline int sasq_qmax(int bits) { return (1 << (bits - 1)) - 1; }
 
+/* The overflow rules (module.c refuses these scales before a kernel runs; the kernels that could
+ * otherwise produce NaN re-check them and return SASQ_ERR_ARG):
+ * - grid: s * top must be finite in float32, top = qmax for a b-bit grid (its ends, the
+ *   truncation ceiling s * qmax and every dequantized code are then representable), 128 for
+ *   dequantizing arbitrary int8 codes;
+ * - linear: the combined scale c = a_scale * w_scale (float32) must be a normal float and
+ *   16384 * K * c finite, so float(acc) * c cannot overflow (|acc| <= 128 * 128 * K) and no output
+ *   is 0 * inf. */
+static inline int sasq_grid_top_ok(float s, float top) { return isfinite(s * top); }
+#define SASQ_LINEAR_MAX_ACC 16384.0 /* 128 * 128 */
+static inline int sasq_linear_scale_ok(float comb, int64_t k) {
+    return comb >= FLT_MIN && (double)comb * SASQ_LINEAR_MAX_ACC * (double)k <= FLT_MAX;
+}
+
 /* q = clamp(rint(x / s), -qmax, qmax); SASQ_ERR_NONFINITE if any x is NaN/inf (q then undefined). */
 sasq_status sasq_quantize(const float *x, const float *scale, int64_t s_stride, int64_t rows,
                           int64_t cols, int bits, int8_t *q);
@@ -80,7 +96,8 @@ sasq_status sasq_truncate_backward(const float *x, const float *t, int64_t t_str
                                    const float *c, int64_t c_stride, const float *grad_out,
                                    int64_t rows, int64_t cols, float *grad_x, float *grad_t,
                                    float *grad_c);
-/* q = clamp(rint(truncate(x; t, c = s*qmax) / s)); SASQ_ERR_NONFINITE on non-finite x. */
+/* q = clamp(rint(truncate(x; t, c = s*qmax) / s)); SASQ_ERR_NONFINITE on non-finite x;
+ * SASQ_ERR_ARG (nothing written) if some s*qmax is not finite in float32 or t >= s*qmax. */
 sasq_status sasq_truncate_quantize(const float *x, const float *t, int64_t t_stride,
                                    const float *scale, int64_t s_stride, int64_t rows,
                                    int64_t cols, int bits, int8_t *q);
@@ -104,7 +121,8 @@ sasq_status sasq_pack_weights(const int8_t *b, int64_t n, int64_t k, sasq_packed
 void sasq_packed_free(sasq_packed *p);
 /* c (M, N) int32 = a (M, K) @ b.T, exact. */
 sasq_status sasq_gemm_packed_i32(const int8_t *a, int64_t m, const sasq_packed *p, int32_t *c);
-/* y (M, N) float32 = float(a @ b.T) * (a_scale * w_scales[n]) (the product taken in float32). */
+/* y (M, N) float32 = float(a @ b.T) * (a_scale * w_scales[n]) (the product taken in float32);
+ * SASQ_ERR_ARG (nothing written) unless every product passes sasq_linear_scale_ok. */
 sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *p, float a_scale,
                                  const float *w_scales, float *y);
 

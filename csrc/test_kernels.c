@@ -105,6 +105,43 @@ static void test_truncate(void) {
     CHECK(sasq_truncate_quantize(xq, &tq, 0, &s, 0, 1, 3, 8, q) == SASQ_ERR_NONFINITE, "tq NaN");
 }
 
+/* Scales that would overflow are refused by the kernels themselves (module.c refuses them first):
+ * truncate_quantize with an infinite ceiling s * qmax used to return NaN cast to int8 (UB). */
+static void test_overflow_refused(void) {
+    float x[2] = {3e38f, 1e38f}, t = 1.0f, s = 1e37f;
+    int8_t q[2] = {55, 55};
+    CHECK(sasq_truncate_quantize(x, &t, 0, &s, 0, 1, 2, 8, q) == SASQ_ERR_ARG, "tq s*qmax = inf");
+    CHECK(q[0] == 55 && q[1] == 55, "tq wrote codes before refusing");
+    s = 1e36f; /* 1.27e38: finite, allowed */
+    CHECK(sasq_truncate_quantize(x, &t, 0, &s, 0, 1, 2, 8, q) == SASQ_OK, "tq s = 1e36");
+    for (int i = 0; i < 2; i++) {
+        int want = (int)rintf(trunc_ref(x[i], t, s * 127.0f) / s); /* 125, 83 */
+        CHECK(q[i] == want, "tq s = 1e36 code %d want %d", q[i], want);
+    }
+    int8_t w[2 * 4] = {1, 0, 0, 0, 0, 1, 0, 0}, a[4] = {0, 1, 0, 0};
+    float y[2] = {-1, -1}, ws[2] = {1e30f, 1.0f};
+    sasq_packed p;
+    CHECK(sasq_pack_weights(w, 2, 4, &p) == SASQ_OK, "pack");
+    CHECK(sasq_gemm_packed_f32(a, 1, &p, 1e30f, ws, y) == SASQ_ERR_ARG, "linear 1e30 * 1e30");
+    CHECK(y[0] == -1 && y[1] == -1, "linear wrote before refusing");
+    ws[0] = 1e-30f;
+    CHECK(sasq_gemm_packed_f32(a, 1, &p, 1e-20f, ws, y) == SASQ_ERR_ARG, "linear underflow");
+    ws[0] = 2.0f;
+    CHECK(sasq_gemm_packed_f32(a, 1, &p, 0.5f, ws, y) == SASQ_OK && y[0] == 0 && y[1] == 0.5f,
+          "linear ok");
+    sasq_packed_free(&p);
+}
+
+/* Far outside the knee the threshold gradient is tiny; 1 - tanh z must not cancel. z = 20:
+ * exact dy/dt = 2e/(1+e) + (z-1) 4e/(1+e)^2, e = exp(-2z) (the old form lost 2.6 %). */
+static void test_truncate_backward_far_tail(void) {
+    float x[1] = {21.0f}, g[1] = {1.0f}, gx[1], t = 1.0f, c = 2.0f, gt, gc;
+    CHECK(sasq_truncate_backward(x, &t, 0, &c, 0, g, 1, 1, gx, &gt, &gc) == SASQ_OK, "bwd");
+    long double z = 20.0L, e = expl(-2.0L * z);
+    long double want = 2 * e / (1 + e) + (z - 1) * 4 * e / ((1 + e) * (1 + e));
+    CHECK(fabsl(gt - want) <= 1e-6L * want, "grad_t far tail %.9g want %.9Lg", gt, want);
+}
+
 static void gemm_case(int64_t m, int64_t k, int64_t n, int extreme) {
     int8_t *a = malloc((size_t)(m * k)), *b = malloc((size_t)(n * k));
     int32_t *c = malloc((size_t)(m * n) * 4);
@@ -188,6 +225,8 @@ int main(void) {
     test_quantize();
     test_ste();
     test_truncate();
+    test_overflow_refused();
+    test_truncate_backward_far_tail();
     test_chunked();
     test_gemm();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);

@@ -7,8 +7,21 @@ Conventions (DESIGN.md section 2)
 - A scale (also a truncation threshold/ceiling) is a Python/NumPy scalar or 0-d array
   (per-tensor) or a 1-D array over the last axis (per-channel); any real dtype is accepted and
   cast to float32. Every value must be finite and > 0 after the cast (ValueError otherwise).
-- Symmetric grid q in [-qmax, qmax], qmax = 2**(bits-1) - 1, bits in [2, 8]; rounding is
-  half-to-even.
+  Arguments that are not real numbers (bool, str, bytes, complex, None) are a TypeError; a
+  ragged sequence is a ValueError; both name the argument.
+- Symmetric grid q in [-qmax, qmax], qmax = 2**(bits-1) - 1, bits an int in [2, 8] (sasq.grid);
+  rounding is half-to-even.
+- No result is computed from an overflowed intermediate. Where a scale would make one overflow
+  float32, the call is refused with a ValueError naming the scale:
+    fake_quant, fake_quant_backward, truncate_quantize: scale * qmax must be finite in float32
+      (the ends of the grid, hence every fake-quantized value and the truncation ceiling
+      c = scale * qmax, are representable); e.g. scale 1e37 at 8 bits is refused.
+    quantize has no such rule: x / scale overflowing to +-inf only saturates the code to
+      +-qmax, which is the exact answer (quantize(x, 3e38) gives zeros for |x| < 1.5e38).
+    dequantize: scale * 128 must be finite (every int8 code, -128 included).
+    linear_int8: c_n = float32(a_scale) * w_scales[n] must be a normal float32 (no overflow to
+      inf, no underflow to 0) and 16384 * K * c_n (the largest |a_q @ W.T| times c_n) finite,
+      so no output can overflow and 0 * inf (NaN) cannot occur.
 - Non-finite x: `fake_quant` and `truncate` propagate NaN (and saturate +-inf to the ends of the
   range); `quantize` and `truncate_quantize` raise ValueError (an int8 code has no NaN).
   `fake_quant_backward` gives NaN as the gradient of a NaN element and a NaN gradient for the
@@ -19,12 +32,14 @@ Conventions (DESIGN.md section 2)
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import warnings
 
 import numpy as np
 
-from sasq import _C, blas
+from sasq import _C, blas, grid
 
 __all__ = [
     "quantize", "dequantize", "fake_quant", "fake_quant_backward",
@@ -36,22 +51,37 @@ __all__ = [
 PackedWeights = _C.PackedWeights
 
 
-def qmax(bits: int) -> int:
-    """Largest code of the symmetric `bits`-bit grid: 2**(bits-1) - 1 (127 for INT8)."""
-    return (1 << (int(bits) - 1)) - 1
+qmax = grid.qmax  # the one implementation (validated bits), shared with sasq.reference
 
 
 def _bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be in [2, 8], got {bits}")
-    return int(bits)
+    return grid.check_bits(bits, "bits")
+
+
+def _real(v, name: str) -> float:
+    """One real number (not bool, str or bytes) as a float64; huge ints become +-inf."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float64: as infinite as the float cast makes 1e400
+        return math.inf if v > 0 else -math.inf
 
 
 def _vec(value, name: str) -> tuple[np.ndarray, bool]:
-    """A scale-like argument as a contiguous float32 1-D array, and whether it was a scalar."""
-    arr = np.asarray(value)
+    """A scale-like argument as a contiguous float32 1-D array, and whether it was a scalar.
+    TypeError for anything that is not real numbers (bool, str, bytes, complex, None, objects),
+    ValueError naming the argument for a ragged or >1-D shape; values beyond float32 become
+    +-inf here and are refused (finite and > 0) by the C checks."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number or array, got {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nested sequences
+        raise ValueError(f"{name} must be a scalar or a 1-D sequence of numbers "
+                         f"({str(e).splitlines()[0]})") from None
+    if arr.dtype == object:  # e.g. Python ints beyond int64, Fractions: convert one by one
+        arr = np.array([_real(v, name) for v in arr.reshape(-1)], np.float64).reshape(arr.shape)
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real number or array, got dtype {arr.dtype}")
     if arr.ndim > 1:
@@ -68,19 +98,21 @@ def _grad_like(grad: np.ndarray, was_scalar: bool):
 # ---------------------------------------------------------------- quantization
 
 def quantize(x: np.ndarray, scale, bits: int = 8) -> np.ndarray:
-    """int8 codes clamp(rint(x / scale), -qmax, qmax); ValueError if x has NaN or inf."""
+    """int8 codes clamp(rint(x / scale), -qmax, qmax); ValueError if x has NaN or inf. Any
+    finite scale > 0 is accepted (an overflowing x / scale saturates, which is exact)."""
     s, _ = _vec(scale, "scale")
     return _C.quantize(x, s, _bits(bits))
 
 
 def dequantize(q: np.ndarray, scale) -> np.ndarray:
-    """float32 q * scale."""
+    """float32 q * scale; ValueError if scale * 128 overflows float32."""
     s, _ = _vec(scale, "scale")
     return _C.dequantize(q, s)
 
 
 def fake_quant(x: np.ndarray, scale, bits: int = 8) -> np.ndarray:
-    """scale * clamp(rint(x / scale), -qmax, qmax) in float32; NaN propagates, +-inf saturates."""
+    """scale * clamp(rint(x / scale), -qmax, qmax) in float32; NaN propagates, +-inf saturates
+    to +-scale * qmax (which must be finite in float32)."""
     s, _ = _vec(scale, "scale")
     return _C.fake_quant(x, s, _bits(bits))
 
@@ -96,7 +128,8 @@ def fake_quant_backward(x: np.ndarray, scale, grad_out: np.ndarray, bits: int = 
     `scale`: a float for a scalar scale, a (C,) float32 array for a per-channel one.
     """
     s, scalar = _vec(scale, "scale")
-    gx, gs = _C.fake_quant_backward(x, s, grad_out, _bits(bits), float(grad_scale_factor))
+    gsf = _real(grad_scale_factor, "grad_scale_factor")
+    gx, gs = _C.fake_quant_backward(x, s, grad_out, _bits(bits), gsf)
     return gx, _grad_like(gs, scalar)
 
 
@@ -135,7 +168,9 @@ def truncate_backward(x: np.ndarray, threshold, ceiling, grad_out: np.ndarray):
 
 def truncate_quantize(x: np.ndarray, threshold, scale, bits: int = 8) -> np.ndarray:
     """Fused inference path: int8 clamp(rint(truncate(x; t, c = scale * qmax) / scale)).
-    Requires threshold < scale * qmax; ValueError if x has NaN or inf."""
+    Requires threshold < scale * qmax and scale * qmax finite in float32: a scale whose ceiling
+    overflows (e.g. 1e37 at 8 bits) is a ValueError naming `scale`, never codes computed from an
+    infinite ceiling. ValueError if x has NaN or inf."""
     t, _ = _vec(threshold, "threshold")
     s, _ = _vec(scale, "scale")
     return _C.truncate_quantize(x, t, s, _bits(bits))
@@ -155,16 +190,29 @@ def pack_weights(w_int8: np.ndarray) -> PackedWeights:
 
 def gemm_packed(a: np.ndarray, packed: PackedWeights) -> np.ndarray:
     """Exact int32 a @ W.T with pre-packed weights."""
+    _check_packed(packed)
     return _C.gemm_packed(a, packed)
+
+
+def _check_packed(packed):
+    if not isinstance(packed, PackedWeights):
+        raise TypeError(f"packed must be a PackedWeights from pack_weights, got {type(packed).__name__}")
 
 
 def linear_int8(a_q: np.ndarray, packed: PackedWeights, a_scale: float, w_scales) -> np.ndarray:
     """float32 (..., N) = float32(a_q @ W.T) * (float32(a_scale) * w_scales[n]), the scale product
-    taken in float32 and applied in the GEMM's store."""
-    if not isinstance(packed, PackedWeights):
-        raise TypeError(f"packed must be a PackedWeights from pack_weights, got {type(packed).__name__}")
+    taken in float32 and applied in the GEMM's store.
+
+    a_scale: one real number (a Python/NumPy scalar or 0-d array; bool, str and bytes are a
+    TypeError), finite and > 0 in float32. w_scales: (N,) finite and > 0. The combined scale
+    c_n = float32(a_scale) * w_scales[n] must be a normal float32 and 16384 * K * c_n finite;
+    otherwise ValueError naming a_scale and w_scales (the output could overflow, or be 0 * inf)."""
+    _check_packed(packed)
+    a, scalar = _vec(a_scale, "a_scale")
+    if not scalar:
+        raise ValueError(f"a_scale must be one number (per-tensor), got shape {np.shape(a_scale)}")
     ws, _ = _vec(w_scales, "w_scales")
-    return _C.linear_int8(a_q, packed, float(a_scale), ws)
+    return _C.linear_int8(a_q, packed, float(a[0]), ws)
 
 
 # ---------------------------------------------------------------- threads and ISA
@@ -174,6 +222,8 @@ def set_num_threads(n: int) -> None:
     NumPy model's own worker threads follow."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if not 1 <= n <= 256:  # checked here: the C int would overflow for 2**40
+        raise ValueError(f"n must be in [1, 256], got {n}")
     _C.set_num_threads(int(n))
     blas.set_num_threads(int(n))
 
@@ -191,6 +241,8 @@ def set_isa(name: str) -> None:
     """Force a tier ('avx512vnni', 'avx2', 'scalar') or go back to the best one ('auto')."""
     if not isinstance(name, str):
         raise TypeError(f"isa must be a str, got {type(name).__name__}")
+    if name not in ("auto", "avx512vnni", "avx2", "scalar"):  # before C: it refuses "\0" oddly
+        raise ValueError(f"isa must be 'auto', 'avx512vnni', 'avx2' or 'scalar', got {name!r}")
     _C.set_isa(name)
 
 

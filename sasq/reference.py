@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from sasq import grid
+
 Z_CAP = 30.0  # truncation: tanh(30) == 1 in double; keeps +-inf finite in the gradients
+LINEAR_MAX_ACC = 128 * 128  # |a_q @ W.T| <= LINEAR_MAX_ACC * K
+
+qmax = grid.qmax  # the one implementation (validated bits), shared with sasq.ops
 
 
-def qmax(bits: int) -> int:
-    return (1 << (int(bits) - 1)) - 1
+def _check_top(scale, top, dtype, name="scale"):
+    """The overflow rule of sasq.ops: scale * top finite in x's dtype (top = qmax of the grid,
+    or 128 for dequantizing any int8 code); ValueError naming the scale otherwise."""
+    dt = np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        ok = np.all(np.isfinite(_p(scale, dt) * dt.type(top)))
+    if not ok:
+        raise ValueError(f"{name} * {top} overflows {dt.name}")
 
 
 def _p(value, dtype) -> np.ndarray:
@@ -31,17 +42,19 @@ def _reduce_to(grad64: np.ndarray, param) -> np.ndarray | float:
 def quantize(x, scale, bits=8):  # (..., C) -> int8 (..., C)
     if not np.all(np.isfinite(x)):
         raise ValueError("quantize: x contains NaN or inf")
-    qm = qmax(bits)
+    qm = qmax(bits)  # no overflow rule: x / s = inf only saturates the code, which is exact
     return np.clip(np.rint(x / _p(scale, x.dtype)), -qm, qm).astype(np.int8)
 
 
 def dequantize(q, scale, dtype=np.float32):
+    _check_top(scale, 128, dtype)
     return q.astype(dtype) * _p(scale, dtype)
 
 
 def fake_quant(x, scale, bits=8):
     s = _p(scale, x.dtype)
     qm = qmax(bits)
+    _check_top(scale, qm, x.dtype)
     return s * np.clip(np.rint(x / s), -qm, qm)  # np.clip keeps NaN
 
 
@@ -49,6 +62,7 @@ def fake_quant_backward(x, scale, grad_out, bits=8, grad_scale_factor=1.0):
     """STE for x, LSQ gradient for the scale (see sasq.ops.fake_quant_backward)."""
     s = _p(scale, x.dtype)
     qm = qmax(bits)
+    _check_top(scale, qm, x.dtype)
     u = x / s
     inside = np.abs(u) <= qm
     grad_x = np.where(inside, grad_out, 0).astype(x.dtype)
@@ -87,11 +101,14 @@ def truncate_backward(x, threshold, ceiling, grad_out):
     x64, a, z = _knee(x, t, c)
     g = grad_out.astype(np.float64)
     outside = ~(a <= t)  # NaN counts as outside, so NaN propagates
+    z = np.where(outside, z, 0.0)  # z of the elements inside the knee is never used
     th, s2 = np.tanh(z), 1.0 / np.cosh(z) ** 2
+    e = np.exp(-2.0 * z)
+    om = 2.0 * e / (1.0 + e)  # 1 - tanh z, without cancelling where tanh z rounds to 1
     sg = np.where(x64 < 0, -1.0, 1.0)
     sg = np.where(np.isnan(x64), np.nan, sg)
     grad_x = np.where(outside, g * s2, g)
-    gt = np.where(outside, g * sg * (1.0 - th + (z - 1.0) * s2), 0.0)
+    gt = np.where(outside, g * sg * (om + (z - 1.0) * s2), 0.0)
     gc = np.where(outside, g * sg * (th - z * s2), 0.0)
     gt_r, gc_r = _reduce_to(gt, threshold), _reduce_to(gc, ceiling)
     cast = lambda v: float(x.dtype.type(v)) if np.ndim(v) == 0 else v.astype(x.dtype)
@@ -102,6 +119,7 @@ def truncate_quantize(x, threshold, scale, bits=8):
     if not np.all(np.isfinite(x)):
         raise ValueError("truncate_quantize: x contains NaN or inf")
     qm = qmax(bits)
+    _check_top(scale, qm, x.dtype)  # an infinite ceiling would give t + inf * 0 = NaN codes
     s = _p(scale, x.dtype)
     c = s * x.dtype.type(qm)  # the ceiling in x's precision, as the kernel forms it
     y = truncate(x, threshold, c)
@@ -122,5 +140,13 @@ def pack_weights(w_int8):
 
 
 def linear_int8(a_q, packed, a_scale, w_scales):
-    comb = np.float32(a_scale) * np.asarray(w_scales, dtype=np.float32)
+    """The combined scale must be a normal float32 with LINEAR_MAX_ACC * K * comb finite (the
+    rule of sasq.ops.linear_int8): no output overflows, none is 0 * inf."""
+    with np.errstate(over="ignore", under="ignore"):
+        comb = np.float32(a_scale) * np.asarray(w_scales, dtype=np.float32)
+    k = np.shape(packed)[-1]
+    f32 = np.finfo(np.float32)
+    if not np.all((comb >= f32.tiny) & (comb.astype(np.float64) * LINEAR_MAX_ACC * k <= float(f32.max))):
+        raise ValueError("a_scale * w_scales: the combined float32 scale overflows, underflows "
+                         "or lets the output overflow")
     return gemm_int8(a_q, packed).astype(np.float32) * comb
