@@ -20,24 +20,22 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sasq.model import Observer  # noqa: E402
+
 SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 
 
-class AbsmaxHook:
+class AbsmaxHook(Observer):
     """Running per-channel absmax of each (layer, site); passes activations through unchanged."""
 
     def __init__(self, sites=SITES):
         self.sites, self.absmax = set(sites), {}
 
-    def forward(self, layer, site, x):
+    def observe(self, layer, site, x, pos):
         if site in self.sites:
             a = np.abs(x).reshape(-1, x.shape[-1]).max(axis=0)  # (C,)
             old = self.absmax.get((layer, site))
             self.absmax[(layer, site)] = a if old is None else np.maximum(old, a)
-        return x
-
-    def backward(self, layer, site, grad):
-        return grad
 
 
 def stats(absmax: dict, n_layers: int) -> list[dict]:
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import sasq
-    from sasq.eval import tokenize_corpus, windows
+    from sasq.data import cut_windows, tokenize_corpus
     if args.model is None:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from assets import smollm2_available, smollm2_paths
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
         args.model = str(smollm2_paths()[1])
     model = sasq.load(args.model)
     ids = tokenize_corpus(model.tokenizer, Path(args.text).read_text())
-    wins = windows(ids, args.seqlen)
+    wins = cut_windows(ids, args.seqlen)
     # evenly spread windows over the text, not only its beginning
     pick = np.linspace(0, len(wins) - 1, num=min(args.windows, len(wins))).round().astype(int)
     hook = AbsmaxHook()

@@ -14,25 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from sasq.model import KVCache
+from sasq.sampling import sample_rows
+
 TRAIN_SEED = 1234
 EVAL_SEED = 98765
-
-
-def _softmax_rows(z):  # (B, V) -> (B, V), float64 for exact-enough inverse-CDF sampling
-    z = z.astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-def _new_cache(model, batch: int, max_len: int):
-    """A KV cache for the batch, or None when the model offers none (then recompute)."""
-    try:
-        from sasq.model import KVCache
-    except ImportError:
-        return None
-    return KVCache(model.config.num_hidden_layers)
 
 
 def sample_windows(model, n_windows: int, seqlen: int, temperature: float = 1.0, seed: int = 0,
@@ -79,22 +65,12 @@ def sample_windows(model, n_windows: int, seqlen: int, temperature: float = 1.0,
 
 
 def _sample_block(model, ids, gens, temperature, bar):
-    """Fill ids[:, 1:] (B, T) in place, one token per step, using a KV cache when available."""
+    """Fill ids[:, 1:] (B, T) in place, one token per step, with a KV cache."""
     b, t_len = ids.shape
-    cache = _new_cache(model, b, t_len)
+    cache = KVCache(model.config.num_hidden_layers)
     for t in range(1, t_len):
-        if cache is not None:
-            h = model.forward(ids[:, t - 1:t], cache=cache, return_hidden=True)  # (B, 1, C)
-        else:
-            h = model.forward(ids[:, :t], return_hidden=True)  # (B, t, C) recomputed
+        h = model.forward(ids[:, t - 1:t], cache=cache, return_hidden=True)  # (B, 1, C)
         z = h[:, -1, :] @ model.lm_head.T  # (B, V)
-        if temperature == 0:
-            ids[:, t] = z.argmax(axis=-1)
-        else:
-            p = _softmax_rows(z / temperature)
-            cdf = np.cumsum(p, axis=-1)  # (B, V)
-            for r in range(b):
-                u = gens[r].random() * cdf[r, -1]
-                ids[r, t] = min(int(np.searchsorted(cdf[r], u, side="right")), cdf.shape[1] - 1)
+        ids[:, t] = sample_rows(z, temperature, gens)
         if bar is not None:
             bar.update(b)

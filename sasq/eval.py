@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from sasq.data import as_token_ids, check_seqlen, cut_windows
+
 CHUNK_ROWS = 256  # rows of (rows, V) logits alive at once: 256 x 32k x 4 B = 32 MiB
 
 
@@ -39,26 +41,6 @@ class PerplexityResult:
                 f"{self.seqlen} tokens of a {self.n_tokens}-token stream")
 
 
-def tokenize_corpus(tokenizer, text: str) -> np.ndarray:
-    """The whole text as one int64 stream; BOS once at the start iff the tokenizer adds BOS."""
-    if tokenizer is None:
-        raise ValueError("no tokenizer: the model directory has no tokenizer.json/tokenizer.model")
-    return np.asarray(tokenizer.encode(text), dtype=np.int64)
-
-
-def windows(ids, seqlen: int) -> np.ndarray:
-    """(n, seqlen) non-overlapping windows of a 1-D stream, n = len // seqlen, tail dropped."""
-    ids = np.asarray(ids)
-    if ids.ndim != 1:
-        raise ValueError(f"token stream must be 1-D, got shape {ids.shape}")
-    if int(seqlen) != seqlen or seqlen < 2:
-        raise ValueError(f"seqlen must be an integer >= 2, got {seqlen}")
-    n = len(ids) // seqlen
-    if n == 0:
-        raise ValueError(f"token stream of {len(ids)} tokens is shorter than one window of {seqlen}")
-    return ids[: n * seqlen].reshape(n, seqlen)
-
-
 def window_nll(hidden, lm_head, ids) -> float:
     """Mean next-token NLL of one window from its final normed hidden state.
 
@@ -80,20 +62,14 @@ def perplexity(model, token_ids, seqlen: int, batch_size: int = 1, max_windows: 
                progress: bool = True) -> PerplexityResult:
     """Perplexity of `model` (anything with .forward(ids, return_hidden=True) -> (B, T, C) and
     .lm_head (V, C)) on a 1-D token stream, or on ready-made (n, seqlen) windows."""
-    token_ids = np.asarray(token_ids)
-    if token_ids.size and not np.issubdtype(token_ids.dtype, np.integer):
-        raise ValueError(f"token ids must be integers, got dtype {token_ids.dtype}")
-    if token_ids.ndim == 2:
-        if token_ids.shape[1] != seqlen:
-            raise ValueError(f"windows have length {token_ids.shape[1]} but seqlen is {seqlen}")
-        wins = windows(token_ids.reshape(-1), seqlen)
-    else:
-        wins = windows(token_ids, seqlen)
+    token_ids = as_token_ids(token_ids, "token ids")
+    seqlen = check_seqlen(model, seqlen)
+    if token_ids.ndim == 2 and token_ids.shape[1] != seqlen:
+        raise ValueError(f"windows have length {token_ids.shape[1]} but seqlen is {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    wins = cut_windows(token_ids, seqlen, max_windows, "token ids")
     n_tokens = int(token_ids.size)
-    if max_windows is not None:
-        if max_windows < 1:
-            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-        wins = wins[:max_windows]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lm_head = model.lm_head
@@ -101,9 +77,6 @@ def perplexity(model, token_ids, seqlen: int, batch_size: int = 1, max_windows: 
     lo, hi = int(wins.min()), int(wins.max())
     if lo < 0 or hi >= V:
         raise ValueError(f"token id {lo if lo < 0 else hi} is outside the model's vocabulary (size {V})")
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seqlen > max_pos:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {max_pos}")
 
     from tqdm.auto import tqdm
     nlls = []

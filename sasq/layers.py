@@ -258,9 +258,12 @@ def attention_reference(q, k, v):
 
 # --------------------------------------------------------------------------- SwiGLU
 
-def _sigmoid(a):
+def sigmoid(a):
+    """1 / (1 + exp(-a)) in a's dtype, overflow-free (exp(-a) = inf gives 0); the one sigmoid of
+    the package (SwiGLU and the truncation threshold)."""
     with np.errstate(over="ignore"):
-        s = np.negative(a)
+        a = np.asarray(a)
+        s = np.negative(a, out=np.empty_like(a))  # an array even for 0-d input; in place after
         np.exp(s, out=s)
     s += 1
     np.reciprocal(s, out=s)
@@ -275,7 +278,7 @@ def swiglu_forward(gate, up):
 
 
 def _swiglu_forward_part(gate, up, h):
-    h[...] = _sigmoid(gate)
+    h[...] = sigmoid(gate)
     h *= gate
     h *= up
 
@@ -288,7 +291,7 @@ def swiglu_backward(dh, gate, up):
 
 
 def _swiglu_backward_part(dh, gate, up, dgate, dup):
-    sig = _sigmoid(gate)
+    sig = sigmoid(gate)
     silu = gate * sig
     np.multiply(dh, silu, out=dup)
     # d silu / d gate = sig + silu * (1 - sig)

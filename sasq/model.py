@@ -13,11 +13,12 @@ where quantizers sit:
                           "down_in"  (B, T, I)        silu(gate) * up feeding down_proj
     layer = num_hidden_layers: "head_in" (B, T, C)    final RMSNorm output feeding lm_head
 
-hook.forward(layer, site, x) -> x' (same shape/dtype); hook.backward(layer, site, grad) -> grad_x.
-backward() only ever computes activation gradients.
+The hook protocol is declared once, below (ActivationHook). backward() only ever computes
+activation gradients; a hook's parameter gradients go into a dict the caller owns and zeroes.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sasq import layers as L
+from sasq.sampling import sample_rows
 
 SITES = ("attn_in", "k_cache", "v_cache", "o_in", "mlp_in", "down_in", "head_in")
 LAYER_SITES = SITES[:-1]
@@ -36,7 +38,16 @@ LAYER_SITES = SITES[:-1]
 
 @dataclass
 class LlamaConfig:
-    """The subset of a HF LlamaConfig that defines the computation (HF defaults)."""
+    """The subset of a HF LlamaConfig that defines the computation (HF defaults).
+
+    Every field is checked on construction (ValueError naming the field): sizes are positive
+    integers, rope_theta/rms_norm_eps finite real numbers, token ids non-negative integers.
+    max_position_embeddings is at most MAX_POSITIONS = 2**20: LlamaModel builds its RoPE tables
+    for max_position_embeddings positions up front (2**20 positions x head_dim 128 is 512 MiB in
+    float32), so a larger claim is refused at load instead of failing at the first forward with
+    a MemoryError (a claimed context of 2**28 would need tens of GiB)."""
+    MAX_POSITIONS = 1 << 20  # not a field (no annotation)
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -53,26 +64,46 @@ class LlamaConfig:
     eos_token_id: int | list | None = 2
 
     def __post_init__(self):
+        def positive_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or v <= 0:
+                raise ValueError(f"config field {name} must be a positive integer, got {v!r}")
+            setattr(self, name, int(v))
+
+        for name in ("hidden_size", "num_attention_heads"):  # before deriving head_dim from them
+            positive_int(name)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"config field {name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        for name in ("vocab_size", "intermediate_size", "num_hidden_layers",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            positive_int(name)
+        if self.max_position_embeddings > self.MAX_POSITIONS:
+            raise ValueError(f"config field max_position_embeddings={self.max_position_embeddings} "
+                             f"exceeds {self.MAX_POSITIONS} (the RoPE tables are built for every "
+                             f"position up front)")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"config field num_key_value_heads={self.num_key_value_heads} must "
                              f"divide num_attention_heads={self.num_attention_heads}")
         if self.head_dim % 2:
             raise ValueError(f"config field head_dim={self.head_dim} must be even for RoPE")
-        if not (self.rms_norm_eps >= 0):
-            raise ValueError(f"config field rms_norm_eps must be >= 0, got {self.rms_norm_eps!r}")
-        if not (self.rope_theta > 0):
-            raise ValueError(f"config field rope_theta must be > 0, got {self.rope_theta!r}")
+        self.rms_norm_eps = _config_real("rms_norm_eps", self.rms_norm_eps, lo=0.0)
+        self.rope_theta = _config_real("rope_theta", self.rope_theta, lo=0.0, lo_open=True)
+        if not isinstance(self.tie_word_embeddings, (bool, np.bool_)):
+            raise ValueError(f"config field tie_word_embeddings must be true or false, got "
+                             f"{self.tie_word_embeddings!r}")
+        self.tie_word_embeddings = bool(self.tie_word_embeddings)
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            ids = v if isinstance(v, list) and name == "eos_token_id" else [v]
+            if v is None:
+                continue
+            if not ids or not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+                                  and i >= 0 for i in ids):
+                raise ValueError(f"config field {name} must be a non-negative integer"
+                                 f"{' (or a list of them)' if name == 'eos_token_id' else ''} or "
+                                 f"null, got {v!r}")
         self.rope_scaling = _check_rope_scaling(self.rope_scaling)
 
     @property
@@ -82,10 +113,14 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
-        """From a HF config.json dict (old rope_theta/rope_scaling or new rope_parameters form)."""
+        """From a HF config.json dict (old rope_theta/rope_scaling or new rope_parameters form).
+        Any malformed value (wrong JSON type, non-finite, out of range) is a ValueError naming
+        the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         arch = d.get("architectures")
-        if arch is not None and list(arch) != ["LlamaForCausalLM"]:
+        if arch is not None and (not isinstance(arch, (list, tuple)) or list(arch) != ["LlamaForCausalLM"]):
             raise ValueError(f"config field architectures={arch!r} is not supported "
                              "(only LlamaForCausalLM)")
         if d.get("model_type", "llama") != "llama":
@@ -101,27 +136,40 @@ class LlamaConfig:
         scaling = d.get("rope_scaling")
         params = d.get("rope_parameters")
         if params is not None:  # transformers >= 5
+            if not isinstance(params, dict):
+                raise ValueError(f"config field rope_parameters must be an object, got {params!r}")
             params = dict(params)
             if rope_theta is None:
                 rope_theta = params.get("rope_theta")
             if scaling is None:
                 scaling = params
         if scaling is not None:
-            if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+            if not isinstance(scaling, dict):
+                raise ValueError(f"config field rope_scaling must be an object or null, got "
+                                 f"{scaling!r}")
+            prf = _config_real("partial_rotary_factor", scaling.get("partial_rotary_factor", 1.0))
+            if prf != 1.0:
                 raise ValueError("config field partial_rotary_factor != 1 is not supported")
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta", "rope_scaling"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
-        return cls(**kw, rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        return cls(**kw, rope_theta=10000.0 if rope_theta is None else rope_theta,
                    rope_scaling=scaling)
 
     @classmethod
     def from_json(cls, path) -> "LlamaConfig":
+        """From a config.json; every problem is a one-line ValueError starting with the path."""
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
-        return cls.from_dict(d)
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise ValueError(f"{path}: cannot read config (JSON nests too deeply)") from None
+        except (OSError, ValueError) as e:  # JSON, UTF-8 and int-digit-limit errors are ValueErrors
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: cannot read config ({why})") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         """A HF-style config.json dict (LlamaForCausalLM)."""
@@ -129,6 +177,21 @@ class LlamaConfig:
         d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                  attention_bias=False, mlp_bias=False, torch_dtype="float32")
         return d
+
+
+def _config_real(name, v, lo=None, lo_open=False) -> float:
+    """A config number: int or float (not bool, str, list...), finite, >= lo (> lo if lo_open);
+    ValueError naming the field otherwise."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"config field {name} must be a number, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float64
+        f = float("inf")
+    if not np.isfinite(f) or (lo is not None and (f <= lo if lo_open else f < lo)):
+        bound = "" if lo is None else f" and {'>' if lo_open else '>='} {lo:g}"
+        raise ValueError(f"config field {name} must be finite{bound}, got {v!r}")
+    return f
 
 
 def _check_rope_scaling(s):
@@ -147,8 +210,14 @@ def _check_rope_scaling(s):
     missing = [k for k in keys if k not in s]
     if missing:
         raise ValueError(f"config field rope_scaling (llama3) lacks {', '.join(missing)}")
-    out = {"rope_type": "llama3", **{k: float(s[k]) for k in keys[:3]},
-           "original_max_position_embeddings": int(s["original_max_position_embeddings"])}
+    # every one divides something in layers.rope_inv_freq: finite and > 0
+    out = {"rope_type": "llama3",
+           **{k: _config_real(f"rope_scaling.{k}", s[k], lo=0.0, lo_open=True) for k in keys}}
+    ctx = out["original_max_position_embeddings"]
+    if ctx != int(ctx):
+        raise ValueError(f"config field rope_scaling.original_max_position_embeddings must be "
+                         f"an integer, got {s['original_max_position_embeddings']!r}")
+    out["original_max_position_embeddings"] = int(ctx)
     if out["high_freq_factor"] == out["low_freq_factor"]:
         raise ValueError("config field rope_scaling: high_freq_factor must differ from "
                          "low_freq_factor")
@@ -192,6 +261,45 @@ def _layer_shapes(c: LlamaConfig) -> dict:
             "input_layernorm": (C,), "post_attention_layernorm": (C,)}
 
 
+# --------------------------------------------------------------------------- hook protocol
+
+class ActivationHook(abc.ABC):
+    """What LlamaModel calls at every activation site (SITES) when a hook is given.
+
+    forward(layer, site, x, pos, keep) -> (x', ctx)
+        x (B, T, C) holds positions pos .. pos+T-1 of every sequence (pos > 0 when a KV cache
+        is extended); x' has the same shape and dtype. With keep=True the model keeps `ctx` on
+        its tape and hands it back to backward; with keep=False ctx is dropped (return None).
+    backward(layer, site, grad, ctx, grads) -> grad_x
+        grad at x' -> grad at x. Parameter gradients are *added* into `grads` (a dict owned and
+        zeroed by the caller, keyed by the hook's parameter names); nothing is stored on the hook.
+    """
+
+    @abc.abstractmethod
+    def forward(self, layer: int, site: str, x: np.ndarray, pos: int, keep: bool):
+        ...
+
+    def backward(self, layer: int, site: str, grad: np.ndarray, ctx, grads: dict):
+        return grad
+
+
+class Observer(ActivationHook):
+    """A hook that looks and never changes anything: override observe(layer, site, x, pos)."""
+
+    def observe(self, layer: int, site: str, x: np.ndarray, pos: int) -> None:
+        pass
+
+    def forward(self, layer, site, x, pos, keep):
+        self.observe(layer, site, x, pos)
+        return x, None
+
+
+def _check_hook(hook):
+    if hook is not None and not isinstance(hook, ActivationHook):
+        raise TypeError(f"hook must be a sasq.model.ActivationHook, got {type(hook).__name__}")
+    return hook
+
+
 # --------------------------------------------------------------------------- KV cache
 
 class KVCache:
@@ -232,7 +340,9 @@ class KVCache:
 @dataclass
 class Tape:
     """What backward needs from forward_tape. logits (B, T, V); hidden (B, T, C) is the
-    "head_in" activation after the hook (logits = hidden @ lm_head.T)."""
+    "head_in" activation after the hook (logits = hidden @ lm_head.T). The tape owns the hook's
+    per-site contexts (in each layer's dict under "hook", and head_ctx). backward consumes the
+    tape layer by layer (peak memory falls as it goes), so it runs once per tape."""
     logits: np.ndarray | None
     hidden: np.ndarray
     layers: list  # per layer: a cache dict, or the layer input (B, T, C) when recompute
@@ -240,6 +350,7 @@ class Tape:
     hook: object
     recompute: bool
     T: int = 0
+    head_ctx: object = None
 
 
 # --------------------------------------------------------------------------- model
@@ -347,25 +458,30 @@ class LlamaModel:
 
     # ---------------------------------------------------------------- one decoder layer
 
-    def _layer_forward(self, i, x, cos, sin, hook, cache=None, keep=False):
-        """x (B, T, C) -> (B, T, C); returns (x_out, saved-for-backward dict or None)."""
+    def _layer_forward(self, i, x, cos, sin, hook, cache=None, keep=False, pos=0):
+        """x (B, T, C) at positions pos.. -> (B, T, C); returns (x_out, saved dict or None)."""
         c, w = self.config, self.layers[i]
         B, T, C = x.shape
         H, KVH, G, hd = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
+        ctx = {}  # the hook's per-site contexts (kept only when keep)
+
+        def at(site, a):
+            if hook is None:
+                return a
+            a, ctx[site] = hook.forward(i, site, a, pos, keep)
+            return a
 
         # attention block
         h, n1 = L.rmsnorm_forward(x, w.input_layernorm, c.rms_norm_eps)  # (B, T, C)
-        if hook is not None:
-            h = hook.forward(i, "attn_in", h)
+        h = at("attn_in", h)
         q = L.linear_forward(h, w.q_proj).reshape(B, T, H, hd)
         k = L.linear_forward(h, w.k_proj).reshape(B, T, KVH, hd)
         v = L.linear_forward(h, w.v_proj)  # (B, T, KVH*hd)
         del h
         q = L.rope_forward(q, cos, sin)  # (B, T, H, hd)
         k = L.rope_forward(k, cos, sin).reshape(B, T, KVH * hd)
-        if hook is not None:
-            k = hook.forward(i, "k_cache", k)
-            v = hook.forward(i, "v_cache", v)
+        k = at("k_cache", k)
+        v = at("v_cache", v)
         qh = np.ascontiguousarray(q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
         kh = np.ascontiguousarray(k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3))  # (B,KVH,T,hd)
         vh = np.ascontiguousarray(v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3))
@@ -375,70 +491,65 @@ class LlamaModel:
         att, lse = L.attention_forward(qh, kh, vh)  # (B, KVH, G, T, hd), (B, KVH, G, T)
         o = np.ascontiguousarray(att.transpose(0, 3, 1, 2, 4)).reshape(B, T, H * hd)
         del att
-        if hook is not None:
-            o = hook.forward(i, "o_in", o)
+        o = at("o_in", o)
         x_mid = x + L.linear_forward(o, w.o_proj)  # (B, T, C)
         del o
 
         # MLP block
         h2, n2 = L.rmsnorm_forward(x_mid, w.post_attention_layernorm, c.rms_norm_eps)
-        if hook is not None:
-            h2 = hook.forward(i, "mlp_in", h2)
+        h2 = at("mlp_in", h2)
         gate = L.linear_forward(h2, w.gate_proj)  # (B, T, I)
         up = L.linear_forward(h2, w.up_proj)  # (B, T, I)
         del h2
         d = L.swiglu_forward(gate, up)  # (B, T, I)
         if not keep:
             del gate, up
-        if hook is not None:
-            d = hook.forward(i, "down_in", d)
+        d = at("down_in", d)
         x_out = L.linear_forward(d, w.down_proj)
         del d
         x_out += x_mid
         if not keep:
             return x_out, None
-        saved = dict(n1=n1, qh=qh, kh=kh, vh=vh, lse=lse, n2=n2, gate=gate, up=up)
+        saved = dict(n1=n1, qh=qh, kh=kh, vh=vh, lse=lse, n2=n2, gate=gate, up=up, hook=ctx)
         return x_out, saved
 
-    def _layer_backward(self, i, dx, s, cos, sin, hook):
+    def _layer_backward(self, i, dx, s, cos, sin, hook, grads):
         """dx (B, T, C) at the layer output -> dx at the layer input, using saved dict s."""
         c, w = self.config, self.layers[i]
         B, T, C = dx.shape
         H, KVH, G, hd = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
 
+        def at(site, g):
+            return g if hook is None else hook.backward(i, site, g, s["hook"].get(site), grads)
+
         # MLP block (residual: dx flows to x_mid unchanged, plus the branch)
         dd = L.linear_backward(dx, w.down_proj)  # (B, T, I)
-        if hook is not None:
-            dd = hook.backward(i, "down_in", dd)
+        dd = at("down_in", dd)
         dgate, dup = L.swiglu_backward(dd, s["gate"], s["up"])
         del dd
         dh2 = L.linear_backward(dgate, w.gate_proj)  # (B, T, C)
         dh2 += L.linear_backward(dup, w.up_proj)
         del dgate, dup
-        if hook is not None:
-            dh2 = hook.backward(i, "mlp_in", dh2)
+        dh2 = at("mlp_in", dh2)
         dx_mid = dx + L.rmsnorm_backward(dh2, s["n2"], w.post_attention_layernorm)
 
         # attention block
         do = L.linear_backward(dx_mid, w.o_proj)  # (B, T, H*hd)
-        if hook is not None:
-            do = hook.backward(i, "o_in", do)
+        do = at("o_in", do)
         do_h = np.ascontiguousarray(do.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
         dqh, dkh, dvh = L.attention_backward(do_h, s["qh"], s["kh"], s["vh"], s["lse"])
         del do_h
         dq = np.ascontiguousarray(dqh.transpose(0, 3, 1, 2, 4)).reshape(B, T, H, hd)
         dk = np.ascontiguousarray(dkh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
         dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
-        if hook is not None:
-            dv = hook.backward(i, "v_cache", dv)
-            dk = hook.backward(i, "k_cache", dk)
+        dv = at("v_cache", dv)
+        dk = at("k_cache", dk)
         dq = L.rope_backward(dq, cos, sin).reshape(B, T, H * hd)
         dk = L.rope_backward(dk.reshape(B, T, KVH, hd), cos, sin).reshape(B, T, KVH * hd)
         dh = L.linear_backward(dq, w.q_proj)  # (B, T, C)
         dh += L.linear_backward(dk, w.k_proj)
         dh += L.linear_backward(dv, w.v_proj)
-        if hook is not None:
-            dh = hook.backward(i, "attn_in", dh)
+        dh = at("attn_in", dh)
         dx_mid += L.rmsnorm_backward(dh, s["n1"], w.input_layernorm)
         return dx_mid
 
@@ -448,17 +559,18 @@ class LlamaModel:
         """ids (B, T) -> logits (B, T, V), or the final normed hidden (B, T, C) after the
         "head_in" hook when return_hidden. With a cache, ids are the next T positions."""
         ids = self._check_ids(ids)
+        hook = _check_hook(hook)
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         cos, sin = self._rope_tables(start, T)
         x = self.embed_tokens[ids]  # (B, T, C)
         for i in range(self.config.num_hidden_layers):
-            x, _ = self._layer_forward(i, x, cos, sin, hook, cache)
+            x, _ = self._layer_forward(i, x, cos, sin, hook, cache, pos=start)
         if cache is not None:
             cache.length += T
         h, _ = L.rmsnorm_forward(x, self.norm, self.config.rms_norm_eps)  # (B, T, C)
         if hook is not None:
-            h = hook.forward(self.config.num_hidden_layers, "head_in", h)
+            h, _ = hook.forward(self.config.num_hidden_layers, "head_in", h, start, False)
         if return_hidden:
             return h
         return L.linear_forward(h, self.lm_head)  # (B, T, V)
@@ -470,6 +582,7 @@ class LlamaModel:
         layer's input and re-runs the layer (hook included) just before its backward.
         compute_logits=False leaves tape.logits None (callers chunk hidden @ lm_head.T)."""
         ids = self._check_ids(ids)
+        hook = _check_hook(hook)
         B, T = ids.shape
         cos, sin = self._rope_tables(0, T)
         x = self.embed_tokens[ids]  # (B, T, C)
@@ -479,17 +592,19 @@ class LlamaModel:
             x, s = self._layer_forward(i, x, cos, sin, hook, keep=not recompute)
             saved.append(x_in if recompute else s)
         h, fcache = L.rmsnorm_forward(x, self.norm, self.config.rms_norm_eps)
+        head_ctx = None
         if hook is not None:
-            h = hook.forward(self.config.num_hidden_layers, "head_in", h)
+            h, head_ctx = hook.forward(self.config.num_hidden_layers, "head_in", h, 0, True)
         logits = L.linear_forward(h, self.lm_head) if compute_logits else None
         return Tape(logits=logits, hidden=h, layers=saved, final=fcache, hook=hook,
-                    recompute=recompute, T=T)
+                    recompute=recompute, T=T, head_ctx=head_ctx)
 
-    def backward(self, tape: Tape, dlogits=None, *, dhidden=None):
+    def backward(self, tape: Tape, dlogits=None, *, dhidden=None, grads=None):
         """dlogits (B, T, V) -> d_embed (B, T, C), the gradient at the embedding output.
 
         Alternatively dhidden (B, T, C): the gradient at the "head_in" hook output (for callers
-        that computed the loss from tape.hidden in chunks). Activation gradients only."""
+        that computed the loss from tape.hidden in chunks). Activation gradients only; the
+        hook's parameter gradients are added into `grads` (the caller's dict)."""
         if (dlogits is None) == (dhidden is None):
             raise ValueError("backward needs exactly one of dlogits and dhidden")
         hook, nl = tape.hook, self.config.num_hidden_layers
@@ -497,15 +612,19 @@ class LlamaModel:
             if dlogits.shape[:-1] != tape.hidden.shape[:-1]:
                 raise ValueError(f"dlogits shape {dlogits.shape} does not match the tape")
             dhidden = L.linear_backward(dlogits.astype(self.dtype, copy=False), self.lm_head)
+        if tape.layers and tape.layers[-1] is None:
+            raise RuntimeError("this tape was already used by backward (it frees as it goes)")
+        grads = {} if grads is None else grads
         if hook is not None:
-            dhidden = hook.backward(nl, "head_in", dhidden)
+            dhidden = hook.backward(nl, "head_in", dhidden, tape.head_ctx, grads)
         dx = L.rmsnorm_backward(dhidden, tape.final, self.norm)  # (B, T, C)
         cos, sin = self._rope_tables(0, tape.T)
         for i in reversed(range(nl)):
             s = tape.layers[i]
+            tape.layers[i] = None  # the contexts are consumed: backward runs once per tape
             if tape.recompute:
                 _, s = self._layer_forward(i, s, cos, sin, hook, keep=True)
-            dx = self._layer_backward(i, dx, s, cos, sin, hook)
+            dx = self._layer_backward(i, dx, s, cos, sin, hook, grads)
             del s
         return dx
 
@@ -533,23 +652,11 @@ class LlamaModel:
         h = self.forward(prompt[None], hook=hook, cache=cache, return_hidden=True)
         while True:
             logits = h[0, -1] @ self.lm_head.T  # (V,)
-            tok = _pick(logits, temperature, top_k, rng)
+            tok = int(sample_rows(logits[None], temperature, [rng], top_k)[0])
             out.append(tok)
             if len(out) >= max_new_tokens or (eos_id is not None and tok == eos_id):
                 return out
             h = self.forward(np.array([[tok]]), hook=hook, cache=cache, return_hidden=True)
-
-
-def _pick(logits, temperature, top_k, rng) -> int:
-    if temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    if top_k is not None and top_k < z.size:
-        kth = np.partition(z, -top_k)[-top_k]
-        z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    return int(rng.choice(z.size, p=p))
 
 
 def random_model(config, seed=0, std=None, dtype=np.float32) -> LlamaModel:

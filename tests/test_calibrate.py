@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from sasq.calibration import calibrate
-from sasq.model import LlamaConfig, random_model
-from sasq.quant import QuantPlan, quantize
+from sasq.model import LlamaConfig, Observer, random_model
+from sasq.plan import QuantPlan
+from sasq.quant import quantize
 
 STAT_RTOL = 1e-6
 
@@ -22,18 +23,14 @@ def windows():
     return np.random.default_rng(0).integers(0, CFG.vocab_size, (5, 10))
 
 
-class Recorder:
+class Recorder(Observer):
     """Records every site input of the FP model, per window."""
 
     def __init__(self):
         self.x = {}
 
-    def forward(self, layer, site, x):
+    def observe(self, layer, site, x, pos):
         self.x.setdefault((layer, site), []).append(x[0].copy())
-        return x
-
-    def backward(self, layer, site, g):
-        return g
 
 
 def recorded(model, windows):
@@ -52,7 +49,7 @@ def test_absmax_mean_per_tensor(model, windows):
     q = calibrate(quantize(model, QuantPlan(8, 8, kv_bits=6, quant_head=True)), windows,
                   progress=False)
     xs = recorded(model, windows)
-    for (layer, site), st in q.hook.sites.items():
+    for (layer, site), st in q.sites.items():
         qm = 2 ** (st.bits - 1) - 1
         want = np.mean([np.abs(x).max() for x in xs[(layer, site)]]) / qm
         np.testing.assert_allclose(scale(q, st.scale_key), want, rtol=STAT_RTOL, err_msg=st.key)
@@ -62,7 +59,7 @@ def test_absmax_mean_per_channel_with_gqa_tie(model, windows):
     q = calibrate(quantize(model, QuantPlan(8, 8, granularity="channel")), windows, progress=False)
     xs = recorded(model, windows)
     H, KVH, hd = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
-    for (layer, site), st in q.hook.sites.items():
+    for (layer, site), st in q.sites.items():
         per_win = [np.abs(x).max(0) for x in xs[(layer, site)]]         # (channels,)
         if site == "o_in":     # one scale per KV channel: max over the query heads of a group
             per_win = [a.reshape(KVH, H // KVH, hd).max(1).reshape(-1) for a in per_win]
@@ -93,7 +90,7 @@ def test_mse_is_no_worse_than_absmax(model, windows):
     qe = calibrate(quantize(model, plan), windows, method="mse", progress=False)
     xs = recorded(model, windows)
     improved = 0
-    for (layer, site), st in qe.hook.sites.items():
+    for (layer, site), st in qe.sites.items():
         sa, se = scale(qa, st.scale_key), scale(qe, st.scale_key)
         assert se <= sa * (1 + 1e-9)                  # a clip ratio r <= 1
         ea, ee = _fq_mse(xs[(layer, site)], sa, 3), _fq_mse(xs[(layer, site)], se, 3)
@@ -160,7 +157,7 @@ def test_bad_ids(model, windows):
     q = quantize(model, QuantPlan(8, 8))
     with pytest.raises(ValueError, match="seqlen"):
         calibrate(q, windows.reshape(-1), progress=False)
-    with pytest.raises(ValueError, match="fewer"):
+    with pytest.raises(ValueError, match="shorter than one window"):
         calibrate(q, windows.reshape(-1)[:5], seqlen=10, progress=False)
     with pytest.raises(ValueError, match="integers"):
         calibrate(q, windows.astype(float), progress=False)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import sasq.eval as ev
-from sasq.eval import PerplexityResult, perplexity, tokenize_corpus, windows
+from sasq.data import cut_windows as windows
+from sasq.data import tokenize_corpus
+from sasq.eval import PerplexityResult, perplexity
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -52,8 +54,10 @@ def test_windows_cut_tail_and_keep_order():
     np.testing.assert_array_equal(w.reshape(-1), ids[:20])
     with pytest.raises(ValueError, match="shorter than one window"):
         windows(np.arange(4), 5)
+    with pytest.raises(ValueError, match="length"):
+        windows(ids, 0)
     with pytest.raises(ValueError, match="seqlen"):
-        windows(ids, 1)
+        perplexity(None, ids, 1, progress=False)
 
 
 @pytest.mark.parametrize("seqlen, chunk", [(33, ev.CHUNK_ROWS), (300, ev.CHUNK_ROWS), (40, 7)])

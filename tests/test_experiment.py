@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from sasq.experiment import (OWN_DOMAIN, ExperimentConfig, Results, load_results, parse_bits,
-                             render_markdown, run_experiment)
+from sasq.experiment import OWN_DOMAIN, ExperimentConfig, run_experiment
+from sasq.methods import parse_bits
+from sasq.results import Results, load_results, render_markdown
 
 
 def _meta(**identity):

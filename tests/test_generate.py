@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import sasq
-from sasq.model import KVCache, LlamaConfig, random_model
+from sasq.model import KVCache, LlamaConfig, Observer, random_model
 
 GREEDY_TOKENS = 200
 CACHE_RTOL = 1e-5  # cached decode vs full forward: max abs diff <= CACHE_RTOL * max |logit|
@@ -66,24 +66,20 @@ def test_kv_cache_decode_equals_full_forward_random_gqa():
     _check_cache(model, ids, [17, 18, 19, 33])
 
 
-class ShapeRecorder:
+class ShapeRecorder(Observer):
     def __init__(self):
         self.shapes = []
 
-    def forward(self, layer, site, x):
+    def observe(self, layer, site, x, pos):
         if (layer, site) == (0, "k_cache"):
-            self.shapes.append(x.shape)
-        return x
-
-    def backward(self, layer, site, grad):
-        return grad
+            self.shapes.append((x.shape, pos))
 
 
 def test_hook_sees_prefill_then_single_tokens(stories):
     rec = ShapeRecorder()
     out = stories.generate([1, 403, 407], 4, hook=rec)
     kv = stories.config.num_key_value_heads * stories.config.head_dim
-    assert rec.shapes == [(1, 3, kv)] + [(1, 1, kv)] * 3
+    assert rec.shapes == [((1, 3, kv), 0)] + [((1, 1, kv), p) for p in (3, 4, 5)]
     assert out == stories.generate([1, 403, 407], 4)  # an identity hook changes nothing
 
 

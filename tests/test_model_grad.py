@@ -4,7 +4,7 @@ recompute=True against the stored-activation path."""
 import numpy as np
 import pytest
 
-from sasq.model import SITES, LlamaConfig, random_model
+from sasq.model import SITES, ActivationHook, LlamaConfig, random_model
 
 FD_EPS = 1e-6
 FD_RTOL = 1e-6  # max |analytic - numeric| <= FD_RTOL * max(1, max|numeric|), float64
@@ -16,30 +16,29 @@ TINY = dict(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_laye
 B, T = 2, 6
 
 
-class AddAt:
+class AddAt(ActivationHook):
     """Test hook: adds `delta` at one (layer, site); identity backward."""
 
     def __init__(self, layer, site, delta):
         self.key, self.delta = (layer, site), delta
 
-    def forward(self, layer, site, x):
-        return x + self.delta if (layer, site) == self.key else x
-
-    def backward(self, layer, site, grad):
-        return grad
+    def forward(self, layer, site, x, pos, keep):
+        return (x + self.delta if (layer, site) == self.key else x), None
 
 
-class Record:
-    """Identity hook recording the gradient at every site and the call order."""
+class Record(ActivationHook):
+    """Identity hook recording the gradient at every site, the call order, and that the tape
+    hands each site's forward context back to its backward."""
 
     def __init__(self):
         self.grads, self.fwd, self.bwd = {}, [], []
 
-    def forward(self, layer, site, x):
+    def forward(self, layer, site, x, pos, keep):
         self.fwd.append((layer, site))
-        return x
+        return x, ((layer, site) if keep else None)
 
-    def backward(self, layer, site, grad):
+    def backward(self, layer, site, grad, ctx, grads):
+        assert ctx == (layer, site)
         self.bwd.append((layer, site))
         self.grads[(layer, site)] = grad.copy()
         return grad

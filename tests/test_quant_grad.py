@@ -14,7 +14,7 @@ What is compared:
        scales): W(p) = diag(r0 / r) Q(diag(1/r0) W diag(c0)) diag(c / c0)
        (weight rounding passed straight through as a frozen multiplicative residual)
      dynamic per-token: A = x + (fq(x0) - x0) frozen.
-   The surrogate is written here independently of sasq.quant_hooks (own expansion of tied scales,
+   The surrogate is written here independently of sasq.sites (own expansion of tied scales,
    own weight quantizer and fold) and run through the FP model's forward with a test hook.
 3. The same STE/LSQ model written in torch (autograd, float64): identical logits, scale/rho
    gradients and embedding-output gradients.
@@ -24,8 +24,9 @@ import math
 import numpy as np
 import pytest
 
-from sasq.model import LlamaConfig, LlamaModel
-from sasq.quant import QuantPlan, quantize
+from sasq.model import ActivationHook, LlamaConfig, LlamaModel
+from sasq.plan import QuantPlan
+from sasq.quant import quantize
 from sasq.calibration import calibrate
 
 FD_STEP = 1e-5
@@ -136,13 +137,13 @@ def _sigmoid(a):
     return 1 / (1 + np.exp(-a))
 
 
-class Surrogate:
+class Surrogate(ActivationHook):
     """The STE/LSQ surrogate of q at its current params (see module docstring)."""
 
     def __init__(self, q, ids):
         self._ids = ids
         self.q, self.plan = q, q.plan
-        self.sites = {(st.layer, st.site): st for st in q.site_states()}
+        self.sites = {(st.layer, st.name): st for st in q.site_list()}
         self.hd = q.head_dim
         self.frozen = {}
         self.p0 = {k: v.copy() for k, v in q.params.items()}
@@ -197,8 +198,11 @@ class Surrogate:
         self.logits = out
         return None if R is None else float(np.sum(R * out))
 
-    # hook protocol
-    def forward(self, layer, site, x):
+    # hook protocol (sasq.model.ActivationHook); the surrogate is only ever differenced
+    def forward(self, layer, site, x, pos, keep):
+        return self._quantize(layer, site, x), None
+
+    def _quantize(self, layer, site, x):
         st = self.sites.get((layer, site))
         if st is None:
             return x
@@ -210,11 +214,11 @@ class Surrogate:
                 self.frozen[key] = np.clip(np.rint(x / s), -qm, qm) * s - x
             return x + self.frozen[key]
         p, hd = self.p, self.hd
-        s = _expand(self.val(p, st.scale_key), st.channels, st.group, hd)
-        sig = _expand(_sigmoid(p[st.rho_key]), st.channels, st.group, hd) if st.rho_key else None
+        s = _expand(self.val(p, st.scale_key), st.channels, st.spec.tie, hd)
+        sig = _expand(_sigmoid(p[st.rho_key]), st.channels, st.spec.tie, hd) if st.rho_key else None
         if st.kind == "control":
             y = _trunc(x, sig * s, s) if sig is not None else np.clip(x, -s, s)
-            return y * _expand(self.val(p, st.gain_key), st.channels, st.group, hd)
+            return y * _expand(self.val(p, st.gain_key), st.channels, st.spec.tie, hd)
         qm = _qm(st.bits)
         if st.folded:
             s = np.ones(st.channels)
@@ -314,7 +318,7 @@ def torch_loss(q, ids, R):
     H, KVH, hd = c.num_attention_heads, c.num_key_value_heads, q.head_dim
     G = H // KVH
     P = {k: t(v).requires_grad_() for k, v in q.params.items()}
-    sites = {(st.layer, st.site): st for st in q.site_states()}
+    sites = {(st.layer, st.name): st for st in q.site_list()}
 
     def val(k):
         return torch.exp(P[k]) if ".log_" in k else P[k]
@@ -322,9 +326,9 @@ def torch_loss(q, ids, R):
     def expand(p, st):
         if p.dim() == 0:
             return p.expand(st.channels)
-        if st.group == 1:
+        if st.spec.tie == 1:
             return p
-        return p.reshape(-1, 1, hd).expand(-1, st.group, hd).reshape(-1)
+        return p.reshape(-1, 1, hd).expand(-1, st.spec.tie, hd).reshape(-1)
 
     folds = {st.key: val(st.scale_key) for st in sites.values() if st.folded}
 

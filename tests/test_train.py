@@ -6,14 +6,16 @@ linear head), so they run in milliseconds and do not depend on other modules; th
 behaviour itself is tested on the real stories260K model with sasq.quant.
 """
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from sasq import losses
-from sasq.train import fixed_windows, load_checkpoint, lr_at, sample_batch, train_scales
+from sasq.data import cut_windows as fixed_windows
+from sasq.data import sample_batch
+from sasq.optim import load_checkpoint
+from sasq.train import lr_at, train_scales
 
 GRAD_RTOL = 1e-6  # float64 central differences vs analytic loss gradients
 FD_EPS = 1e-6
@@ -341,7 +343,7 @@ def _real_setup(stories_dir):
     try:
         from sasq import calibrate as _cal  # noqa: F401
         from sasq.quant import QuantPlan, quantize
-        from sasq.eval import tokenize_corpus
+        from sasq.data import tokenize_corpus
         model = sasq.load(stories_dir)
     except (ImportError, AttributeError, NotImplementedError) as e:
         pytest.skip(f"sasq.model/quant/calibrate/eval not available yet: {e}")

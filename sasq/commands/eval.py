@@ -24,18 +24,13 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def main(args) -> int:
-    from sasq.eval import perplexity, tokenize_corpus
-    from sasq.io import default_model_dir
-    from sasq.io import load
+    from sasq.data import read_text, tokenize_corpus
+    from sasq.eval import perplexity
+    from sasq.io import default_model_dir, load
 
     model_path = Path(args.model) if args.model else default_model_dir()
     data = Path(args.data)
-    if not data.is_file():
-        raise FileNotFoundError(f"{data}: no such text file")
-    try:
-        text = data.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{data}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(data)
     model = load(model_path)
     if model.tokenizer is None:
         raise ValueError(f"{model_path}: the model has no tokenizer (tokenizer.json/.model)")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sasq.experiment import DEFAULT_BITS, METHODS, ExperimentConfig, default_out_dir
+from sasq.experiment import ExperimentConfig, default_out_dir
+from sasq.methods import DEFAULT_BITS, METHODS
 
 
 def add_arguments(p):
@@ -78,7 +79,8 @@ def config_from_args(args) -> ExperimentConfig:
 
 
 def main(args) -> int:
-    from sasq.experiment import run_experiment, render_markdown
+    from sasq.experiment import run_experiment
+    from sasq.results import render_markdown
 
     cfg = config_from_args(args)
     if args.threads is not None:

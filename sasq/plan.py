@@ -1,0 +1,143 @@
+"""QuantPlan: what to quantize and how (bits, granularity, static/dynamic, sites, KV cache,
+truncation, SmoothQuant, the adapted-FP32 control, parameter space). A plan is a frozen value;
+every row of a results table is one plan (the catalogue of methods is sasq.methods).
+
+Sites ("where the quantizers sit", DESIGN section 2): per decoder layer attn_in, o_in, mlp_in,
+down_in (inputs of the linear layers; q/k/v share attn_in, gate/up share mlp_in), the KV cache
+(k_cache, v_cache, switched on by kv_bits) and optionally head_in (lm_head's input, quant_head).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+LINEAR_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+KV_SITES = ("k_cache", "v_cache")
+HEAD_SITE = "head_in"
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What to quantize and how. Every baseline of the results table is one plan away:
+
+    FP32                   QuantPlan(w_bits=None, a_bits=None)
+    static per-tensor      QuantPlan(w_bits=8, a_bits=8)                     (+ calibrate)
+    static per-channel     QuantPlan(8, 8, granularity="channel")            (folded, + calibrate)
+    dynamic per-token      QuantPlan(8, 8, mode="dynamic")
+    SmoothQuant            QuantPlan(8, 8, smoothquant_alpha=0.5[, mode="dynamic"]) (+ calibrate)
+    SASQ                   any static plan + calibrate + train_scales; truncation=True for SASQ+trunc
+    adapted FP32 control   QuantPlan(w_bits=None, a_bits=None, adapt_control=True, granularity=...)
+    """
+    w_bits: int | None = 8
+    a_bits: int | None = 8
+    granularity: str = "tensor"        # "tensor" | "channel" ("token" = dynamic per-token)
+    fold: bool = True                  # per-channel folded into weights (deployable)
+    mode: str = "static"               # "static" | "dynamic"
+    sites: tuple = LINEAR_SITES
+    kv_bits: int | None = None         # static KV-cache quantization (per tensor / per channel)
+    quant_head: bool = False           # quantize lm_head's input (and weights)
+    truncation: bool = False
+    smoothquant_alpha: float | None = None
+    adapt_control: bool = False
+    lsq_grad_scale: bool = False       # multiply scale grads by 1/sqrt(N*qmax) (LSQ)
+    param_space: str = "log"           # "log" | "linear"
+
+    def __post_init__(self):
+        def bits_ok(name, v):
+            if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+                                  or not 2 <= v <= 8):
+                raise ValueError(f"QuantPlan.{name} must be None or an int in [2, 8], got {v!r}")
+        bits_ok("w_bits", self.w_bits)
+        bits_ok("a_bits", self.a_bits)
+        bits_ok("kv_bits", self.kv_bits)
+        if self.mode not in ("static", "dynamic"):
+            raise ValueError(f"QuantPlan.mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if self.granularity not in ("tensor", "channel", "token"):
+            raise ValueError("QuantPlan.granularity must be 'tensor', 'channel' or 'token', "
+                             f"got {self.granularity!r}")
+        if self.mode == "dynamic":
+            if self.granularity == "channel":
+                raise ValueError("mode='dynamic' computes one scale per token at run time; "
+                                 "granularity='channel' needs mode='static'")
+            object.__setattr__(self, "granularity", "token")
+        elif self.granularity == "token":
+            raise ValueError("granularity='token' (per-token scales) needs mode='dynamic'")
+        if self.param_space not in ("log", "linear"):
+            raise ValueError(f"QuantPlan.param_space must be 'log' or 'linear', got {self.param_space!r}")
+        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        for s in sites:
+            if s in KV_SITES:
+                raise ValueError(f"site {s!r}: KV-cache quantization is switched on with kv_bits")
+            if s == HEAD_SITE:
+                raise ValueError("site 'head_in': use quant_head=True")
+            if s not in LINEAR_SITES:
+                raise ValueError(f"unknown site {s!r}; sites are {LINEAR_SITES}")
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"QuantPlan.sites has duplicates: {sites}")
+        object.__setattr__(self, "sites", sites)
+        if (self.a_bits is not None or self.adapt_control) and not sites and not self.quant_head:
+            raise ValueError("activation quantization asked for but QuantPlan.sites is empty")
+        if self.adapt_control:
+            if self.a_bits is not None:
+                raise ValueError("adapt_control=True is the adapted-FP32 control (no activation "
+                                 "rounding): leave a_bits=None")
+            if self.mode != "static" or self.smoothquant_alpha is not None:
+                raise ValueError("adapt_control=True needs mode='static' and no SmoothQuant")
+        if self.smoothquant_alpha is not None:
+            a = self.smoothquant_alpha
+            if not isinstance(a, (int, float)) or not 0.0 <= float(a) <= 1.0:
+                raise ValueError(f"QuantPlan.smoothquant_alpha must be in [0, 1], got {a!r}")
+            if self.a_bits is None:
+                raise ValueError("SmoothQuant needs a_bits")
+            if self.granularity == "channel":
+                raise ValueError("SmoothQuant quantizes per tensor (static) or per token (dynamic); "
+                                 "granularity='channel' is already per-channel")
+        if self.truncation:
+            if self.mode != "static" or (self.a_bits is None and not self.adapt_control):
+                raise ValueError("truncation needs static activation quantization (a_bits) "
+                                 "or adapt_control=True")
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits is not None or self.adapt_control
+
+    @property
+    def folded(self) -> bool:
+        return (self.granularity == "channel" and self.fold and self.a_bits is not None
+                and not self.adapt_control)
+
+    @property
+    def label(self) -> str:
+        """Short name for results tables, e.g. 'W8A8 static per-channel (folded) +trunc'."""
+        if self.adapt_control:
+            gran = "per-channel" if self.granularity == "channel" else "per-tensor"
+            s = f"adapted FP32 ({gran}{' +trunc' if self.truncation else ''})"
+            return s if self.w_bits is None else f"W{self.w_bits} {s}"
+        if self.w_bits is None and self.a_bits is None and self.kv_bits is None:
+            return "FP32"
+        bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
+        if self.kv_bits:
+            bits += f"KV{self.kv_bits}"
+        if self.a_bits is None:
+            if self.kv_bits:
+                kvg = "per-channel" if self.granularity == "channel" else "per-tensor"
+                return f"{bits} static {kvg} KV only"
+            return bits + " weight-only"
+        if self.mode == "dynamic":
+            how = "dynamic per-token"
+        elif self.granularity == "channel":
+            how = "static per-channel " + ("(folded)" if self.fold else "(fake per-channel)")
+        else:
+            how = "static per-tensor"
+        if self.smoothquant_alpha is not None:
+            how = f"SmoothQuant a={self.smoothquant_alpha:g} " + how
+        if self.truncation:
+            how += " +trunc"
+        return f"{bits} {how}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sites"] = list(self.sites)
+        return d

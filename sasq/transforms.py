@@ -1,0 +1,191 @@
+"""Pure weight transforms: LlamaModel -> LlamaModel, or -> int8 codes + scales.
+
+No function here keeps state or writes into its arguments: the fake-quant training model
+(sasq.quant), the export and the integer engine all call the same functions, so that what is
+trained is what is deployed.
+
+Per-channel folds (DESIGN section 2). A fold is a dict site key -> factor f (fold shape): the
+producer of the site's input is divided by f and its consumers' input columns are multiplied by f,
+which leaves the FP function unchanged and divides the site's activation by f:
+
+    site      producer (divided)                    consumers (columns multiplied)
+    attn_in   input_layernorm gain                  q_proj, k_proj, v_proj
+    o_in      v_proj rows (one per KV channel)      o_proj (f expanded over the GQA group)
+    mlp_in    post_attention_layernorm gain         gate_proj, up_proj
+    down_in   up_proj rows                          down_proj
+    head_in   final norm gain                       lm_head (untied from embed_tokens)
+
+Each matrix is formed as w * col[None, :] / row[:, None] (in that order), then rounded per output
+channel (symmetric RTN, scale absmax/qmax) when weights are quantized.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sasq import grid
+from sasq.sites import tie_expand, tie_reduce_max
+
+# matrix -> (site whose factor multiplies its columns, site whose factor divides its rows)
+MATRIX_FOLDS = {
+    "q_proj": ("attn_in", None), "k_proj": ("attn_in", None), "v_proj": ("attn_in", "o_in"),
+    "o_proj": ("o_in", None), "gate_proj": ("mlp_in", None), "up_proj": ("mlp_in", "down_in"),
+    "down_proj": ("down_in", None),
+}
+NORM_FOLDS = {"input_layernorm": "attn_in", "post_attention_layernorm": "mlp_in"}
+CONSUMERS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",),
+             "mlp_in": ("gate_proj", "up_proj"), "down_in": ("down_proj",)}
+WEIGHT_NAMES = tuple(MATRIX_FOLDS)
+MIN_SMOOTH = 1e-5
+
+
+# --------------------------------------------------------------------------- rounding
+
+def rtn_scales(w: np.ndarray, bits: int) -> np.ndarray:
+    """Per-output-channel scale absmax(row)/qmax (1 for an all-zero row), (out,) in w's dtype."""
+    amax = np.abs(w).max(axis=1)
+    return np.where(amax > 0, amax / grid.qmax(bits), 1).astype(w.dtype)
+
+
+def quantize_weight(w: np.ndarray, bits: int):
+    """Per-output-channel symmetric RTN: (codes (out, in) int8, scales (out,)) with
+    w ~ codes * scales[:, None]."""
+    qm = grid.qmax(bits)
+    scale = rtn_scales(w, bits)
+    q = np.clip(np.rint(w / scale[:, None]), -qm, qm)
+    return q.astype(np.int8), scale
+
+
+def fake_quant_weight(w: np.ndarray, bits: int | None) -> np.ndarray:
+    """scale * clamp(rint(w / scale)) per output row: the numbers quantize_weight's codes give
+    (codes * scales in w's dtype). bits None: w itself."""
+    if bits is None:
+        return w
+    qm = grid.qmax(bits)
+    scale = rtn_scales(w, bits)[:, None]
+    out = np.divide(w, scale)  # in place from here on: big matrices, every sync
+    np.rint(out, out=out)
+    np.clip(out, -qm, qm, out=out)
+    out *= scale
+    return out
+
+
+# --------------------------------------------------------------------------- folds
+
+def matrix_factors(folds: dict, layer: int, name: str, config):
+    """(col, row) factors of one matrix of decoder layer `layer` under `folds` (None: none);
+    o_proj's column factor is expanded over the GQA group."""
+    col_site, row_site = MATRIX_FOLDS[name]
+    col = folds.get(f"layers.{layer}.{col_site}")
+    row = folds.get(f"layers.{layer}.{row_site}") if row_site else None
+    if col is not None and name == "o_proj":
+        col = tie_expand(col, config.n_groups, config.head_dim)
+    return col, row
+
+
+def fold_matrix(w: np.ndarray, col=None, row=None) -> np.ndarray:
+    """w * col[None, :] / row[:, None] (either may be None)."""
+    if col is not None:
+        w = w * col[None, :]
+    if row is not None:
+        w = w / row[:, None]
+    return w
+
+
+def fold_quant_matrix(w, col, row, bits: int | None, dtype) -> np.ndarray:
+    """The weight the fake-quant model uses: fold, then per-row RTN, contiguous in dtype."""
+    return np.ascontiguousarray(fake_quant_weight(fold_matrix(w, col, row), bits), dtype=dtype)
+
+
+def fold_norm(g: np.ndarray, f) -> np.ndarray:
+    return g if f is None else g / f
+
+
+def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = False,
+                     memo: dict | None = None):
+    """The model with `folds` applied and its linear weights rounded (RTN per output channel,
+    after the fold); lm_head is rounded only with quant_head. `memo` (optional, owned by the
+    caller) maps (layer, matrix) -> (factors' bytes, result) and skips matrices whose factors did
+    not change since the last call; the result never depends on it."""
+    dt = model.dtype
+    cfg = model.config
+    layers = []
+    for i, lw in enumerate(model.layers):
+        new = {}
+        for name in WEIGHT_NAMES:
+            col, row = matrix_factors(folds, i, name, cfg)
+            sig = (None if col is None else col.tobytes(), None if row is None else row.tobytes())
+            hit = memo.get((i, name)) if memo is not None else None
+            if hit is not None and hit[0] == sig:
+                new[name] = hit[1]
+                continue
+            new[name] = fold_quant_matrix(getattr(lw, name), col, row, w_bits, dt)
+            if memo is not None:
+                memo[(i, name)] = (sig, new[name])
+        for name, site in NORM_FOLDS.items():
+            new[name] = np.asarray(fold_norm(getattr(lw, name), folds.get(f"layers.{i}.{site}")), dt)
+        layers.append(type(lw)(**new))
+    fields = {"layers": layers}
+    fh = folds.get("head_in")
+    if fh is not None or (quant_head and w_bits is not None):
+        sig = None if fh is None else fh.tobytes()
+        hit = memo.get("lm_head") if memo is not None else None
+        if hit is not None and hit[0] == sig:
+            head = hit[1]
+        else:
+            head = fold_quant_matrix(model.lm_head, fh, None, w_bits if quant_head else None, dt)
+            if memo is not None:
+                memo["lm_head"] = (sig, head)
+        fields.update(norm=np.asarray(fold_norm(model.norm, fh), dt), lm_head=head)
+    return model.copy_with(**fields)
+
+
+def fold_scales(model, folds: dict):
+    """The FP model with `folds` applied (no rounding): the same function up to float rounding."""
+    return fake_quant_model(model, folds, None)
+
+
+# --------------------------------------------------------------------------- SmoothQuant
+
+def smoothing_factors(act_absmax, weight_absmax, alpha: float) -> np.ndarray:
+    """SmoothQuant (Xiao et al. 2023): f = act^alpha / w^(1-alpha) per input channel; channels
+    with a zero or non-finite statistic keep f = 1; f >= MIN_SMOOTH."""
+    a = np.asarray(act_absmax, dtype=np.float64)
+    w = np.asarray(weight_absmax, dtype=np.float64)
+    if a.shape != w.shape:
+        raise ValueError(f"act_absmax {a.shape} and weight_absmax {w.shape} differ")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    ok = (a > 0) & (w > 0) & np.isfinite(a) & np.isfinite(w)
+    f = np.ones_like(a)
+    f[ok] = a[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    return np.maximum(f, MIN_SMOOTH)
+
+
+def consumer_column_absmax(model, layer: int, site: str) -> np.ndarray:
+    """max |W[:, j]| over every FP consumer of a site, in the site's fold shape (o_in: max over
+    the query heads of each KV head)."""
+    if site == "head_in":
+        return np.abs(model.lm_head).max(axis=0)
+    lw = model.layers[layer]
+    w = np.max([np.abs(getattr(lw, n)).max(axis=0) for n in CONSUMERS[site]], axis=0)
+    if site == "o_in":
+        w = tie_reduce_max(w, model.config.n_groups, model.config.head_dim)
+    return w
+
+
+def smoothquant_folds(model, act_absmax: dict, alpha: float, dtype) -> dict:
+    """Fold factors for every site key in act_absmax (per-channel activation absmax in fold
+    shape) from the model's consumer weights."""
+    out = {}
+    for key, a in act_absmax.items():
+        layer, site = _parse_key(key, model.config.num_hidden_layers)
+        w = consumer_column_absmax(model, layer, site)
+        out[key] = smoothing_factors(a, w, alpha).astype(dtype)
+    return out
+
+
+def _parse_key(key: str, n_layers: int):
+    if key == "head_in":
+        return n_layers, "head_in"
+    _, i, site = key.split(".")
+    return int(i), site
