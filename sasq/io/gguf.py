@@ -72,20 +72,29 @@ def _meta(meta, key, path, kind=int, default=None):
     if v is None:
         raise ValueError(f"{path}: metadata {key!r} is missing")
     if kind is int and (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))):
-        raise ValueError(f"{path}: metadata {key!r} should be an integer, got {v!r}")
+        raise ValueError(f"{path}: metadata {key!r} should be an integer, got {_short(v)}")
     if kind is float:
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise ValueError(f"{path}: metadata {key!r} should be a number, got {v!r}")
+            raise ValueError(f"{path}: metadata {key!r} should be a number, got {_short(v)}")
         # GGUF stores float32: 1e-5 reads back as 9.99999974e-06; keep the shortest float32 spelling
-        return float(str(np.float32(v)))
+        with np.errstate(over="ignore"):
+            f = float(str(np.float32(v)))
+        if not np.isfinite(f):
+            raise ValueError(f"{path}: metadata {key!r} must be finite in float32, got {v!r}")
+        return f
     return kind(v)
+
+
+def _short(v, n=60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def gguf_config(meta: dict, tensor_shapes: dict, path="GGUF") -> dict:
     """HF config.json dict (LlamaForCausalLM) from llama.* metadata."""
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: general.architecture {arch!r} is not supported (only 'llama')")
+    if not isinstance(arch, str) or arch != "llama":
+        raise ValueError(f"{path}: general.architecture {_short(arch)} is not supported (only 'llama')")
     g = lambda k, kind=int, default=None: _meta(meta, f"llama.{k}", path, kind, default)  # noqa: E731
     hidden = g("embedding_length")
     n_heads = g("attention.head_count")
@@ -106,18 +115,29 @@ def gguf_config(meta: dict, tensor_shapes: dict, path="GGUF") -> dict:
         raise ValueError(f"{path}: token_embd.weight has shape {emb}, expected {(vocab, hidden)}")
     rope_scaling = None
     stype = meta.get("llama.rope.scaling.type", "none")
+    if not isinstance(stype, str):
+        raise ValueError(f"{path}: llama.rope.scaling.type should be a string, got {_short(stype)}")
     if stype == "linear":
-        rope_scaling = {"rope_type": "linear", "factor": g("rope.scaling.factor", float)}
+        factor = g("rope.scaling.factor", float)
+        if not factor > 0:
+            raise ValueError(f"{path}: llama.rope.scaling.factor must be > 0, got {factor}")
+        rope_scaling = {"rope_type": "linear", "factor": factor}
     elif stype != "none":
-        raise ValueError(f"{path}: llama.rope.scaling.type {stype!r} is not supported")
+        raise ValueError(f"{path}: llama.rope.scaling.type {_short(stype)} is not supported")
+    n_layers = g("block_count")
+    # each layer is 9 tensors: bound the claim by the file before anything loops over layers
+    # (llama.block_count = 2**32-1 made _expected_shapes build billions of names)
+    if n_layers * len(_LAYER_NAMES) > len(tensor_shapes):
+        raise ValueError(f"{path}: llama.block_count {n_layers} needs {n_layers * len(_LAYER_NAMES)} "
+                         f"layer tensors but the file holds {len(tensor_shapes)} tensors")
     bos, eos, _ = special_ids(meta, vocab, path) if "tokenizer.ggml.tokens" in meta else (None, None, False)
-    return {
+    cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": g("feed_forward_length"),
-        "num_hidden_layers": g("block_count"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
@@ -133,6 +153,15 @@ def gguf_config(meta: dict, tensor_shapes: dict, path="GGUF") -> dict:
         "eos_token_id": eos,
         "torch_dtype": "float32",
     }
+    # every field LlamaConfig checks (positive sizes, finite rope_theta, context_length within
+    # LlamaConfig.MAX_POSITIONS, ...), named by the file, before any tensor is dequantized;
+    # rope_scaling is left to the loader (linear scaling converts for transformers)
+    from sasq.model import LlamaConfig
+    try:
+        LlamaConfig.from_dict({**cfg, "rope_scaling": None})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return cfg
 
 
 def _expected_shapes(cfg: dict) -> dict:
@@ -201,7 +230,10 @@ def load_gguf(path, progress=False):
     if _has_bpe_tokenizer(meta, path):
         from .tokenizer import Tokenizer
         tok, bos, eos, add_bos = gguf_hf_tokenizer(meta, path)
-        tokenizer = Tokenizer.from_tokenizers(tok, bos_id=bos, eos_id=eos, add_bos=add_bos)
+        try:
+            tokenizer = Tokenizer.from_tokenizers(tok, bos_id=bos, eos_id=eos, add_bos=add_bos)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return cfg, tensors, tokenizer
 
 
@@ -212,8 +244,9 @@ def _has_bpe_tokenizer(meta, path) -> bool:
     if kind is None:
         return False
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in KNOWN_PRE:
-        what = f"tokenizer.ggml.model {kind!r}" if kind != "gpt2" else f"tokenizer.ggml.pre {pre!r}"
+    if not isinstance(kind, str) or kind != "gpt2" or not isinstance(pre, str) or pre not in KNOWN_PRE:
+        what = (f"tokenizer.ggml.pre {_short(pre)}" if isinstance(kind, str) and kind == "gpt2"
+                else f"tokenizer.ggml.model {_short(kind)}")
         warnings.warn(f"{path}: {what} is not supported (byte-level BPE 'gpt2' with pre-tokenizer "
                       f"{', '.join(KNOWN_PRE)}); loading without a tokenizer", RuntimeWarning, stacklevel=3)
         return False
@@ -251,9 +284,9 @@ def convert_gguf(path, out_dir, progress=False) -> Path:
         for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                           ("pad_token", "padding")):
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if i is not None and 0 <= int(i) < len(tokens):
+            if isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= int(i) < len(tokens):
                 tc[name] = tokens[int(i)]
-        if "tokenizer.chat_template" in meta:
+        if isinstance(meta.get("tokenizer.chat_template"), str):
             tc["chat_template"] = meta["tokenizer.chat_template"]
         _write_json(out / "tokenizer_config.json", tc)
     _write_json(out / "config.json", cfg)   # last: a directory with config.json is complete

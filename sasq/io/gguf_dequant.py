@@ -15,6 +15,8 @@ The scalar per-block references in tests/test_gguf.py are written from the same 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
@@ -167,8 +169,15 @@ CHUNK_BLOCKS = 1 << 16  # bounds the temporaries of one step to a few tens of MB
 
 
 def dequantize(raw: np.ndarray, ggml_type: int, shape) -> np.ndarray:
-    """Raw tensor bytes (uint8, exactly the tensor's size) -> float32 array of `shape`."""
-    n = int(np.prod(shape))
+    """Raw tensor bytes (uint8, exactly the tensor's size) -> float32 array of `shape`; a size
+    that does not match is a ValueError (shape products in exact Python ints)."""
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    size = TYPE_SIZES.get(ggml_type)
+    if size is not None:
+        block_elems, block_bytes = size
+        if any(d < 0 for d in shape) or n % block_elems or raw.size != n // block_elems * block_bytes:
+            raise ValueError(f"{raw.size} bytes of ggml type {TYPE_NAMES[ggml_type]} cannot hold shape {shape}")
     if ggml_type == F32:
         return raw.view("<f4").astype(np.float32).reshape(shape)
     if ggml_type == F16:

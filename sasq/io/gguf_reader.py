@@ -10,7 +10,9 @@ dims are listed innermost first (ne[0] = row length), so the NumPy shape is the 
 
 Every size, count and offset read from the file is checked against the file's length before it is
 used, so a lying or truncated file gives a one-line ValueError naming the file (and tensor), never a
-MemoryError or a silently short array.
+MemoryError or a silently short array. Arrays of arrays nest at most MAX_ARRAY_DEPTH levels (no
+RecursionError), and general.alignment must be a UINT32 (as llama.cpp and the `gguf` package
+require; a BOOL true would otherwise read as alignment 1).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_DEPTH = 8  # arrays of arrays: real files use 1 level; Python recursion stays shallow
 
 # metadata value types -> (struct format, byte size) for the fixed-size scalars
 _SCALAR = {
@@ -43,6 +46,7 @@ _SCALAR = {
 _NP_SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
               10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_UINT32 = 4
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,14 @@ class _Cursor:
         except UnicodeDecodeError:
             self.fail(f"{what} is not valid UTF-8")
 
-    def value(self, vtype, what):
+    def value(self, vtype, what, depth=0):
         if vtype in _SCALAR:
             return self.scalar(vtype, what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                self.fail(f"{what} nests arrays deeper than {MAX_ARRAY_DEPTH} levels")
             etype = self.u32(f"element type of {what}")
             count = self.u64(f"element count of {what}")
             if etype in _SCALAR:
@@ -126,7 +132,7 @@ class _Cursor:
                 return [self.string(f"{what}[{i}]") for i in range(count)]
             if etype == _ARRAY:
                 self.need(count * 12, f"{count} sub-arrays of {what}")
-                return [self.value(_ARRAY, f"{what}[{i}]") for i in range(count)]
+                return [self.value(_ARRAY, f"{what}[{i}]", depth + 1) for i in range(count)]
             self.fail(f"{what} has unknown array element type {etype}")
         self.fail(f"{what} has unknown value type {vtype}")
 
@@ -166,6 +172,8 @@ def read_gguf(path, type_sizes) -> GGUFFile:
         vtype = cur.u32(f"type of metadata {key!r}")
         if key in metadata:
             cur.fail(f"duplicate metadata key {key!r}")
+        if key == "general.alignment" and vtype != _UINT32:
+            cur.fail(f"general.alignment has value type {vtype}, not UINT32 ({_UINT32})")
         metadata[key] = cur.value(vtype, f"metadata {key!r}")
 
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)

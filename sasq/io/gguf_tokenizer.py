@@ -7,6 +7,7 @@ pre-tokenizer that llama.cpp applies for them (llama-vocab.cpp).
 """
 from __future__ import annotations
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 CONTROL, USER_DEFINED = 3, 4
@@ -48,11 +49,12 @@ def _pre_tokenizer(pre: str):
 def build_bpe_tokenizer(meta: dict, source="GGUF") -> Tokenizer:
     """tokenizers.Tokenizer for a `tokenizer.ggml.model == "gpt2"` vocabulary."""
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"{source}: tokenizer.ggml.model {model!r} is not supported (only 'gpt2' byte-level BPE)")
+    if not isinstance(model, str) or model != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model {model!r:.60} is not supported (only 'gpt2' byte-level BPE)")
     tokens = meta.get("tokenizer.ggml.tokens")
     merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not tokens or not isinstance(merges, list):
+    if (not isinstance(tokens, list) or not tokens or not isinstance(merges, list)
+            or not all(isinstance(t, str) for t in tokens) or not all(isinstance(m, str) for m in merges)):
         raise ValueError(f"{source}: tokenizer.ggml.tokens/merges missing or not string arrays")
     vocab = {}
     for i, t in enumerate(tokens):
@@ -63,11 +65,20 @@ def build_bpe_tokenizer(meta: dict, source="GGUF") -> Tokenizer:
         if not sep or not a or not b:
             raise ValueError(f"{source}: malformed merge {m!r}")
         pairs.append((a, b))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{source}: tokenizer.ggml.merges: {why}") from None
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if not isinstance(pre, str):
+        raise ValueError(f"{source}: tokenizer.ggml.pre should be a string, got {pre!r:.60}")
+    tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type")
     if types is not None:
+        if not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"):
+            raise ValueError(f"{source}: tokenizer.ggml.token_type should be an integer array")
         if len(types) != len(tokens):
             raise ValueError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
         special = [AddedToken(t, special=True, normalized=False)
@@ -86,7 +97,14 @@ def special_ids(meta: dict, n_vocab: int, source="GGUF"):
     bos = meta.get("tokenizer.ggml.bos_token_id")
     eos = meta.get("tokenizer.ggml.eos_token_id")
     for name, v in (("bos", bos), ("eos", eos)):
-        if v is not None and not 0 <= int(v) < n_vocab:
+        if v is None:
+            continue
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{source}: tokenizer.ggml.{name}_token_id should be an integer, got {v!r:.60}")
+        if not 0 <= int(v) < n_vocab:
             raise ValueError(f"{source}: tokenizer.ggml.{name}_token_id {v} outside the vocabulary of {n_vocab}")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+    if not isinstance(add_bos, (bool, np.bool_)):
+        raise ValueError(f"{source}: tokenizer.ggml.add_bos_token should be a bool, got {add_bos!r:.60}")
+    add_bos = bool(add_bos)
     return (None if bos is None else int(bos)), (None if eos is None else int(eos)), add_bos

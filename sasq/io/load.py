@@ -5,6 +5,7 @@ no path means the bundled stories260K model.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -15,7 +16,11 @@ def default_model_dir() -> Path:
 
 def load(path=None):
     """Load a HF LLaMA checkpoint directory (config.json + safetensors [+ tokenizer]) or a
-    .gguf file. With no path: the bundled stories260K model."""
+    .gguf file. With no path: the bundled stories260K model.
+
+    Anything wrong with the files (corrupt or forged containers, configs, tokenizers, weights
+    that are NaN/inf or do not fit the config) is a one-line ValueError whose message starts with
+    the file or directory; a missing path is a FileNotFoundError."""
     from sasq.model import LlamaConfig, LlamaModel
 
     path = default_model_dir() if path is None else Path(path)
@@ -24,7 +29,9 @@ def load(path=None):
             raise FileNotFoundError(f"{path}: no such GGUF file")
         from .gguf import load_gguf
         config_dict, tensors, tokenizer = load_gguf(path)
-        return LlamaModel.from_config_and_tensors(config_dict, tensors, tokenizer)
+        with _named(path):
+            config = LlamaConfig.from_dict(config_dict)
+            return LlamaModel.from_config_and_tensors(config, tensors, tokenizer)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory or .gguf file")
     cfg = path / "config.json"
@@ -33,5 +40,18 @@ def load(path=None):
     from .safetensors import load_checkpoint_dir
     from .tokenizer import load_tokenizer
     config = LlamaConfig.from_json(cfg)
-    tensors = load_checkpoint_dir(path)
-    return LlamaModel.from_config_and_tensors(config, tensors, load_tokenizer(path))
+    tensors = load_checkpoint_dir(path, check_finite=True)
+    tokenizer = load_tokenizer(path)
+    with _named(path):
+        return LlamaModel.from_config_and_tensors(config, tensors, tokenizer)
+
+
+@contextlib.contextmanager
+def _named(path):
+    """Prefix a ValueError that does not name a file yet (e.g. "missing tensor ...") with path."""
+    try:
+        yield
+    except ValueError as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: {e}") from None

@@ -6,12 +6,17 @@ then the data buffer; offsets are relative to the buffer's start. The tensors mu
 exactly (no overlap, no gap, nothing after the last one), as the reference reader requires.
 
 Every problem with a file is a one-line ValueError that names the file and, where there is one,
-the tensor. F32/F64 and the integer dtypes come back as read-only memory maps (no copy); F16 and
-BF16 are converted to float32 (BF16 via uint16 << 16) when loaded.
+the tensor: JSON that nests too deeply or holds a 5,000-digit number included, and shapes whose
+element count (exact, in Python ints) does not match the bytes or cannot be a NumPy array.
+F32/F64 and the integer dtypes come back as read-only memory maps (no copy); F16 and BF16 are
+converted to float32 (BF16 via uint16 << 16) when loaded. With check_finite=True (what
+`sasq.load` uses) a NaN or inf in a float tensor is a ValueError naming the file, the tensor and
+the first bad element, read in bounded chunks.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +55,8 @@ _NAMES = {
     np.dtype("?"): "BOOL",
 }
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+MAX_NDIM = 32  # a tensor's rank; NumPy's own limit is 64, real checkpoints use at most 4
+_FINITE_CHUNK = 1 << 22  # elements per np.isfinite pass: bounds the temporary to 4 MB
 _INDEX = "model.safetensors.index.json"
 
 
@@ -94,10 +101,7 @@ def read_header(path) -> tuple[dict, dict, int]:
         if 8 + n > size:
             _fail(path, f"truncated: header length {n} runs past the end of the {size}-byte file")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        _fail(path, f"header is not valid UTF-8 JSON ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    header = _parse_json(raw, path, "header")
     if not isinstance(header, dict):
         _fail(path, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -111,7 +115,7 @@ def read_header(path) -> tuple[dict, dict, int]:
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
             _fail(path, "entry must be an object with dtype, shape and data_offsets", name)
         dtype, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             _fail(path, f"unknown dtype {dtype!r} (supported: {', '.join(_DTYPES)})", name)
         if (not isinstance(shape, list)
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
@@ -121,7 +125,13 @@ def read_header(path) -> tuple[dict, dict, int]:
                 or not 0 <= offs[0] <= offs[1]):
             _fail(path, f"data_offsets {offs!r} must be [begin, end] with 0 <= begin <= end", name)
         begin, end = offs
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        if len(shape) > MAX_NDIM:
+            _fail(path, f"shape has {len(shape)} dimensions (at most {MAX_NDIM})", name)
+        itemsize = _DTYPES[dtype].itemsize
+        # exact Python ints: np.prod in int64 overflowed for [2**64] and wrapped [2**32, 2**32] to 0
+        if math.prod(max(d, 1) for d in shape) * itemsize >= 2 ** 63:
+            _fail(path, f"shape {shape} is too large for an array", name)
+        nbytes = math.prod(shape) * itemsize
         if end - begin != nbytes:
             _fail(path, f"shape {shape} of {dtype} needs {nbytes} bytes but data_offsets "
                         f"[{begin}, {end}] hold {end - begin}", name)
@@ -145,8 +155,36 @@ def read_header(path) -> tuple[dict, dict, int]:
     return entries, metadata, 8 + n
 
 
-def load_safetensors(path) -> TensorDict:
-    """All tensors of one file: memory maps where the dtype allows, float32 for F16/BF16."""
+def _parse_json(raw: bytes, path, what: str):
+    """JSON from bytes; every failure (bad UTF-8, bad JSON, a number beyond Python's digit limit,
+    nesting deeper than the recursion limit) is a one-line ValueError naming the file."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        _fail(path, f"{what} JSON nests too deeply")
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        _fail(path, f"{what} is not valid UTF-8 JSON ({e.__class__.__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''})")
+
+
+def check_finite_tensor(a: np.ndarray, path, name) -> None:
+    """ValueError naming the file, tensor and first element if a float array holds NaN or inf.
+    Reads the array once in chunks of _FINITE_CHUNK elements (a memory map is paged in)."""
+    if a.dtype.kind != "f":
+        return
+    flat = a.reshape(-1)
+    for i in range(0, flat.size, _FINITE_CHUNK):
+        ok = np.isfinite(flat[i:i + _FINITE_CHUNK])
+        if not ok.all():
+            j = i + int(np.argmin(ok))
+            where = np.unravel_index(j, a.shape) if a.ndim else ()
+            _fail(path, f"non-finite value {flat[j]} at index {tuple(int(k) for k in where)} "
+                        f"(NaN/inf weights would make every output NaN)", name)
+
+
+def load_safetensors(path, check_finite: bool = False) -> TensorDict:
+    """All tensors of one file: memory maps where the dtype allows, float32 for F16/BF16.
+    check_finite: refuse a float tensor holding NaN or inf (reads every float tensor once)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such safetensors file")
@@ -164,41 +202,43 @@ def load_safetensors(path) -> TensorDict:
             a = (a.astype(np.uint32) << 16).view(np.float32)
         elif dtype == "F16":
             a = a.astype(np.float32)
+        if check_finite:
+            check_finite_tensor(a, path, name)
         out[name] = a
     return out
 
 
-def load_checkpoint_dir(directory) -> TensorDict:
-    """model.safetensors, or the shards named by model.safetensors.index.json, of an HF directory."""
+def load_checkpoint_dir(directory, check_finite: bool = False) -> TensorDict:
+    """model.safetensors, or the shards named by model.safetensors.index.json, of an HF directory.
+    check_finite: as in load_safetensors (a NaN/inf weight names its shard and tensor)."""
     directory = Path(directory)
     single, index = directory / "model.safetensors", directory / _INDEX
     if single.is_file():
-        return load_safetensors(single)
+        return load_safetensors(single, check_finite)
     if index.is_file():
-        return _load_sharded(index)
+        return _load_sharded(index, check_finite)
     others = sorted(directory.glob("*.safetensors"))
     if len(others) == 1:
-        return load_safetensors(others[0])
+        return load_safetensors(others[0], check_finite)
     raise FileNotFoundError(
         f"{directory}: no model.safetensors or {_INDEX}"
         + (f" ({len(others)} other .safetensors files, ambiguous)" if others else ""))
 
 
-def _load_sharded(index: Path) -> TensorDict:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files")
+def _load_sharded(index: Path, check_finite: bool = False) -> TensorDict:
+    doc = _parse_json(index.read_bytes(), index, "index")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: not a valid index (needs a 'weight_map' object mapping tensor "
+                         f"names to shard file names)")
     out = TensorDict(source=str(index))
     shards = {}
     for name, shard in weight_map.items():
-        shard_path = index.parent / str(shard)
+        shard_path = index.parent / shard
         if shard not in shards:
             if not shard_path.is_file():
                 raise ValueError(f"{index}: tensor {name!r}: shard file {shard_path} does not exist")
-            shards[shard] = load_safetensors(shard_path)
+            shards[shard] = load_safetensors(shard_path, check_finite)
             out.metadata.update(shards[shard].metadata)
         if name not in shards[shard]:
             raise ValueError(f"{shard_path}: tensor {name!r}: listed in {index.name} but missing")

@@ -25,8 +25,10 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nests too deeply)") from None
+    except ValueError as e:  # UTF-8, JSON syntax, a number beyond the int digit limit
+        raise ValueError(f"{path}: not valid JSON ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return d
@@ -135,6 +137,8 @@ def _special_id(name, tok_cfg, cfg, lookup, path):
     i = cfg.get(f"{name}_token_id")
     if isinstance(i, list):  # e.g. Llama 3.1 lists several EOS ids; the first is the primary
         i = i[0] if i else None
+    if i is not None and (isinstance(i, bool) or not isinstance(i, int)):
+        raise ValueError(f"{path.parent / 'config.json'}: {name}_token_id must be an integer, got {i!r:.60}")
     return i
 
 
@@ -144,6 +148,9 @@ def load_tokenizer(model_dir) -> Tokenizer | None:
     tok_cfg = _read_json(d / "tokenizer_config.json")
     cfg = _read_json(d / "config.json")
     cfg_path = d / "tokenizer_config.json"
+    if not isinstance(tok_cfg.get("add_bos_token", False), bool):
+        raise ValueError(f"{cfg_path}: add_bos_token must be true or false, got "
+                         f"{tok_cfg['add_bos_token']!r:.60}")
     if (d / "tokenizer.json").is_file():
         import tokenizers
         path = d / "tokenizer.json"
