@@ -574,3 +574,43 @@ def test_fuzzed_files_fail_cleanly(tmp_path):
         except ValueError as e:
             assert "fuzz.gguf" in str(e) or "ggml type" in str(e)
     check()
+
+
+@pytest.mark.smollm2
+def test_reader_agrees_with_gguf_package_on_smollm2():
+    """Our reader on a real llama.cpp file (SmolLM2-135M Q4_1, cached by benchmarks/assets.py)
+    against the `gguf` package's GGUFReader: every metadata value, every tensor's type, shape
+    and data offset, and the dequantized values of one tensor of each type (see the measurement
+    in sasq/io/gguf_reader.py for why we keep our own reader)."""
+    gguf = pytest.importorskip("gguf")
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "sasq_bench_assets", Path(__file__).resolve().parents[1] / "benchmarks" / "assets.py")
+    assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets)
+    path, _ = assets.smollm2_paths()
+    if not assets.smollm2_available():
+        pytest.skip(f"SmolLM2 not cached at {path.parent}; run `python benchmarks/assets.py smollm2`")
+    ours = read_gguf(path, SIZES)
+    theirs = gguf.GGUFReader(str(path))
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]
+    assert keys == list(ours.metadata)
+    for k in keys:
+        want, got = theirs.fields[k].contents(), ours.metadata[k]
+        got = got.tolist() if isinstance(got, np.ndarray) else got
+        if isinstance(want, float):
+            assert got == pytest.approx(want, rel=1e-7), k
+        else:
+            assert got == want, k
+    assert [t.name for t in theirs.tensors] == list(ours.tensors)
+    seen = set()
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert info.ggml_type == int(t.tensor_type) and info.offset == t.data_offset
+        assert info.shape == tuple(reversed(t.shape.tolist())) and info.nbytes == t.n_bytes
+        if info.ggml_type not in seen:
+            seen.add(info.ggml_type)
+            got = gd.dequantize(ours.tensor_bytes(t.name), info.ggml_type, info.shape)
+            np.testing.assert_array_equal(got, gguf.quants.dequantize(t.data, t.tensor_type).reshape(info.shape))
+    assert seen == {gd.F32, gd.Q4_1, gd.Q8_0}

@@ -13,6 +13,16 @@ used, so a lying or truncated file gives a one-line ValueError naming the file (
 MemoryError or a silently short array. Arrays of arrays nest at most MAX_ARRAY_DEPTH levels (no
 RecursionError), and general.alignment must be a UINT32 (as llama.cpp and the `gguf` package
 require; a BOOL true would otherwise read as alignment 1).
+
+Why our own reader and not the `gguf` package's GGUFReader (llama.cpp's, 0.19.0), measured on
+SmolLM2-135M-Instruct Q4_1 (98 MB, 272 tensors, 49,152-token vocabulary), best of 3 on 2 busy
+cores: header + metadata + tensor table 0.10 s here vs 2.08 s there (it builds one NumPy array
+per string of the vocabulary); dequantizing every tensor 0.57 s (gguf_dequant.py) vs 0.68 s
+(gguf.quants), bit-identical; sasq.load of the file 0.81 s end to end. And it validates less: on
+forged files it raises RecursionError (3,000 nested arrays), IndexError (a tensor or kv count of
+2**40), KeyError (a duplicate key), or NumPy's reshape/dtype ValueErrors for truncated files,
+lying array counts and offsets past the end, none naming the file. gguf.quants stays the test
+oracle for the dequantizer (tests/test_gguf.py) and the package's reader checks ours on SmolLM2.
 """
 from __future__ import annotations
 
