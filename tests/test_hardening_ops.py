@@ -2,6 +2,8 @@
 as TypeError/ValueError naming the argument (a bounded hypothesis fuzz over every sasq.ops entry
 point), and the threshold gradient's precision far outside the knee. C and twin agree on every
 tier, refusals included."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -207,10 +209,11 @@ SIGNATURES = {
 }
 # how each argument is named in messages (C names the weights of pack_weights "w", set_isa's "isa")
 SPOKEN = {"w_int8": "w", "name": "isa"}
-FUZZ_EXAMPLES = 600
+SCALE = int(os.environ.get("SASQ_FUZZ_SCALE", "1"))  # N: N times the examples, fresh seeds
+FUZZ_EXAMPLES = 600 * SCALE
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=SCALE == 1, database=None,
           suppress_health_check=list(HealthCheck))
 @given(fn=st.sampled_from(sorted(SIGNATURES)), which=st.integers(0, 4), junk=JUNK)
 def test_fuzz_bad_arguments_raise_named_errors(fn, which, junk):
