@@ -56,11 +56,24 @@ class _Rows:
         return (x @ self.head.T).astype(self.dtype, copy=False)  # (n, V)
 
 
-def _log_softmax(z):
-    # (n, V) -> (n, V), stable
-    m = z.max(axis=-1, keepdims=True)
-    zs = z - m
-    return zs - np.log(np.exp(zs).sum(axis=-1, keepdims=True))
+def logsumexp_rows(z) -> np.ndarray:
+    """(n, V) -> (n,) float64 log-sum-exp per row: exp in z's dtype, sums in float64."""
+    m = z.max(axis=-1)  # (n,)
+    return np.log(np.exp(z - m[:, None]).sum(axis=-1, dtype=np.float64)) + m
+
+
+def nll_rows(z, targets) -> np.ndarray:
+    """(n, V) logits, (n,) targets -> (n,) float64 next-token negative log-likelihoods."""
+    return logsumexp_rows(z) - z[np.arange(z.shape[0]), targets]
+
+
+def kl_rows(zq, zp) -> np.ndarray:
+    """(n,) float64 KL(p || q) per row of student logits zq and teacher logits zp (n, V):
+    sum_v p_v (zp_v - zq_v) + lse(zq) - lse(zp)  (uses sum p = 1)."""
+    lse_p = logsumexp_rows(zp)
+    p = np.exp(zp - lse_p[:, None].astype(zp.dtype))  # (n, V) teacher probabilities
+    cross = (p * (zp - zq)).sum(axis=-1, dtype=np.float64)
+    return cross + logsumexp_rows(zq) - lse_p
 
 
 def _check_targets(rows: _Rows, targets):
@@ -84,8 +97,7 @@ def ce_forward(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS) -> float:
     total = 0.0
     for i0 in range(0, src.n, chunk_rows):
         i1 = min(src.n, i0 + chunk_rows)
-        lp = _log_softmax(src.rows(i0, i1))  # (n, V)
-        total -= float(lp[np.arange(i1 - i0), t[i0:i1]].sum(dtype=np.float64))
+        total += float(nll_rows(src.rows(i0, i1), t[i0:i1]).sum())
     return total / max(src.n, 1)
 
 
@@ -132,9 +144,7 @@ def kl_forward(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS) -> float:
     total = 0.0
     for i0 in range(0, s.n, chunk_rows):
         i1 = min(s.n, i0 + chunk_rows)
-        lq = _log_softmax(s.rows(i0, i1))  # (n, V)
-        lp = _log_softmax(t.rows(i0, i1))  # (n, V)
-        total += float((np.exp(lp) * (lp - lq)).sum(dtype=np.float64))
+        total += float(kl_rows(s.rows(i0, i1), t.rows(i0, i1)).sum())
     return total / max(s.n, 1)
 
 

@@ -95,6 +95,47 @@ def test_float64_model_is_scored_in_float64():
     assert res.ppl == pytest.approx(ref_ppl, rel=1e-12)
 
 
+def torch_fidelity(model, ref, wins):
+    """Independent reference: full logits, F.kl_div(log q, log p) per scored position, argmax."""
+    kls, agree = [], []
+    for w in wins:
+        zq = torch.from_numpy(model.forward(w[None], return_hidden=True)[0] @ model.lm_head.T)[:-1]
+        zp = torch.from_numpy(ref.forward(w[None], return_hidden=True)[0] @ ref.lm_head.T)[:-1]
+        lq, lp = F.log_softmax(zq.double(), -1), F.log_softmax(zp.double(), -1)
+        kls.append(F.kl_div(lq, lp, log_target=True, reduction="sum").item() / len(zq))
+        agree.append((zq.argmax(-1) == zp.argmax(-1)).double().mean().item())
+    return kls, agree
+
+
+@pytest.mark.parametrize("chunk", [ev.CHUNK_ROWS, 7])
+def test_kl_and_top1_against_torch(monkeypatch, tmp_path, chunk):
+    monkeypatch.setattr(ev, "CHUNK_ROWS", chunk)
+    model, ref, ids = FakeModel(seed=1), FakeModel(seed=0), stream(4 * 30 + 5)
+    ref.lm_head = ref.lm_head + 0.3 * model.lm_head  # related but different models
+    want_kl, want_top1 = torch_fidelity(model, ref, windows(ids, 30))
+    res = perplexity(model, ids, 30, progress=False, reference=ref)
+    np.testing.assert_allclose(res.window_kls, want_kl, rtol=1e-5)
+    np.testing.assert_allclose(res.window_top1, want_top1, rtol=0, atol=1e-12)
+    assert res.kl == pytest.approx(np.mean(want_kl), rel=1e-5) and 0 < res.top1 < 1
+    # a precomputed Reference (written to and read back from a file) gives the same numbers
+    path = tmp_path / "ref.npz"
+    r1 = ev.Reference.compute(ref, ids, 30, progress=False, path=path)
+    n_calls = len(ref.calls)
+    r2 = ev.Reference.compute(ref, ids, 30, progress=False, path=path)  # read from the file
+    assert len(ref.calls) == n_calls
+    np.testing.assert_array_equal(r1.hidden, r2.hidden)
+    other = ev.Reference.compute(FakeModel(seed=5), ids, 30, progress=False, path=path)
+    assert not np.array_equal(other.hidden, r1.hidden)  # another model: not the stale file
+    again = perplexity(model, ids, 30, progress=False, reference=r2)
+    np.testing.assert_allclose(again.window_kls, res.window_kls, rtol=1e-6)  # float32 storage
+    assert again.window_top1 == res.window_top1
+    # the model against itself: KL 0, full agreement
+    self_ = perplexity(ref, ids, 30, progress=False, reference=r1)
+    assert abs(self_.kl) < 1e-6 and self_.top1 == 1.0
+    with pytest.raises(ValueError, match="other windows"):
+        perplexity(model, ids, 30, max_windows=2, progress=False, reference=r1)
+
+
 def test_result_to_dict_is_json():
     res = perplexity(FakeModel(), stream(100), 25, progress=False)
     d = json.loads(json.dumps(res.to_dict()))
