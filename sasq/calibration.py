@@ -50,28 +50,34 @@ def calibration_windows(token_ids, seqlen=None, n_windows=None) -> np.ndarray:
 
 
 class _Statistics(Observer):
-    """Per-window statistics of chosen sites: targets (layer, name) -> (key, n_params, divisor)."""
+    """Per-window statistics of chosen sites: targets (layer, name) -> (key, n_params, divisor,
+    sink). The first `sink` rows of a window are left out of the statistic (their own scales)
+    and their per-channel absmax is kept in sink_absmax[key] (one (sink, C) array per window)."""
 
     def __init__(self, targets: dict, fn, head_dim: int):
         self.targets, self.fn, self.head_dim = targets, fn, head_dim
         self.stats: dict[str, list] = {}
+        self.sink_absmax: dict[str, list] = {}
 
     def observe(self, layer, site, x, pos):
         t = self.targets.get((layer, site))
         if t is None:
             return
-        key, n_params, div = t
+        key, n_params, div, sink = t
         for b in range(x.shape[0]):  # one statistic per window
-            xb = x[b] if div is None else x[b] / div
+            if sink:
+                self.sink_absmax.setdefault(key, []).append(np.abs(x[b][:sink]))
+            xb = x[b][sink:]
+            xb = xb if div is None else xb / div
             self.stats.setdefault(key, []).append(self.fn(tie_columns(xb, n_params, self.head_dim), key))
 
 
-def _collect(qmodel, windows, targets, fn, batch_size, progress, desc) -> dict:
+def _collect(qmodel, windows, targets, fn, batch_size, progress, desc) -> _Statistics:
     obs = _Statistics(targets, fn, qmodel.head_dim)
     for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
                   leave=False):
         qmodel.model.forward(windows[i:i + batch_size], hook=obs, return_hidden=True)
-    return obs.stats
+    return obs
 
 
 def _mse_errors(c, amax, bits):
@@ -100,11 +106,15 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
     group = qmodel.config.n_groups
 
     # pass 1: SmoothQuant factors from per-channel absmax (max over windows, fold shape)
+    sink = qmodel.plan.sink_tokens
+    if windows.shape[1] <= sink:
+        raise ValueError(f"calibrate: windows of {windows.shape[1]} tokens leave nothing after "
+                         f"the {sink} sink positions")
     if qmodel.smooth:
-        targets = {(s.layer, s.name): (s.key, len(qmodel.smooth[s.key]), None)
+        targets = {(s.layer, s.name): (s.key, len(qmodel.smooth[s.key]), None, sink)
                    for s in sites if s.key in qmodel.smooth}
         stats = _collect(qmodel, windows, targets, lambda c, k: np.abs(c).max(axis=0), batch_size,
-                         progress, "smoothquant")
+                         progress, "smoothquant").stats
         absmax = {k: np.max(v, axis=0) for k, v in stats.items()}
         qmodel.smooth.update(smoothquant_folds(qmodel.model, absmax, qmodel.plan.smoothquant_alpha,
                                                qmodel.dtype))
@@ -114,11 +124,10 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
     for s in sites:
         if s.scale_key is None:
             continue
-        div = None
-        if s.key in qmodel.smooth:
-            f = qmodel.smooth[s.key]
-            div = tie_expand(f, group, qmodel.head_dim) if len(f) != s.channels else f
-        targets[(s.layer, s.name)] = (s.key, max(1, s.params[s.scale_key].size), div)
+        div = qmodel.smooth.get(s.key)
+        if div is not None and len(div) != s.channels:
+            div = tie_expand(div, group, qmodel.head_dim)
+        targets[(s.layer, s.name)] = (s.key, max(1, s.params[s.scale_key].size), div, sink)
         qmaxes[s.key], bits[s.key] = s.qmax, s.bits
     if targets:
         def stat(c, key):
@@ -133,8 +142,9 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
                 return amax, np.zeros((len(MSE_RATIOS), a.shape[1]))
             return amax, _mse_errors(c, amax, bits[key])
 
-        stats = _collect(qmodel, windows, targets, stat, batch_size, progress,
-                         f"calibrate ({method})")
+        obs = _collect(qmodel, windows, targets, stat, batch_size, progress,
+                       f"calibrate ({method})")
+        stats = obs.stats
         for s in sites:
             if s.scale_key is None:
                 continue
@@ -153,5 +163,24 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
                 s.set_value(s.gain_key, np.ones(shape))
             if s.rho_key is not None:
                 s.params[s.rho_key][...] = RHO_INIT
+        if sink:
+            _calibrate_sinks(qmodel, obs.sink_absmax)
     qmodel.sync()
     return qmodel
+
+
+def _calibrate_sinks(qmodel, sink_absmax: dict) -> None:
+    """Sink scale of position p = max over windows and channels of |x_p| in the domain the
+    site's input arrives in (divided by its fold), / qmax: a sink is one consistent massive
+    value, so no window's sink may be clipped."""
+    folds = qmodel.folds  # the body scales just set
+    for s in qmodel.site_list():
+        if s.sink_key is None:
+            continue
+        a = np.max(sink_absmax[s.key], axis=0)  # (k', C): max over windows
+        div = qmodel.arriving_divisor(s, folds)
+        if div is not None:
+            a = a / div
+        v = np.ones(s.sink, dtype=np.float64)
+        v[: a.shape[0]] = np.maximum(a.max(axis=1) / s.qmax, MIN_SCALE)
+        s.set_value(s.sink_key, v)

@@ -16,6 +16,7 @@ import numpy as np
 LINEAR_SITES = ("attn_in", "o_in", "mlp_in", "down_in")
 KV_SITES = ("k_cache", "v_cache")
 HEAD_SITE = "head_in"
+MAX_SINK = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class QuantPlan:
     truncation: bool = False
     smoothquant_alpha: float | None = None
     adapt_control: bool = False
+    sink_tokens: int = 0               # first k positions get their own static scales (sinks)
     lsq_grad_scale: bool = False       # multiply scale grads by 1/sqrt(N*qmax) (LSQ)
     param_space: str = "log"           # "log" | "linear"
 
@@ -94,6 +96,13 @@ class QuantPlan:
             if self.granularity == "channel":
                 raise ValueError("SmoothQuant quantizes per tensor (static) or per token (dynamic); "
                                  "granularity='channel' is already per-channel")
+        k = self.sink_tokens
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SINK:
+            raise ValueError(f"QuantPlan.sink_tokens must be an int in [0, {MAX_SINK}], got {k!r}")
+        object.__setattr__(self, "sink_tokens", int(k))
+        if k and self.mode == "dynamic" and not self.kv_bits:
+            raise ValueError("sink_tokens gives the first positions their own *static* scales; "
+                             "a dynamic plan without a static KV cache has none")
         if self.truncation:
             if self.mode != "static" or (self.a_bits is None and not self.adapt_control):
                 raise ValueError("truncation needs static activation quantization (a_bits) "
@@ -113,7 +122,8 @@ class QuantPlan:
         """Short name for results tables, e.g. 'W8A8 static per-channel (folded) +trunc'."""
         if self.adapt_control:
             gran = "per-channel" if self.granularity == "channel" else "per-tensor"
-            s = f"adapted FP32 ({gran}{' +trunc' if self.truncation else ''})"
+            s = (f"adapted FP32 ({gran}{' +trunc' if self.truncation else ''}"
+                 f"{f' +sink{self.sink_tokens}' if self.sink_tokens else ''})")
             return s if self.w_bits is None else f"W{self.w_bits} {s}"
         if self.w_bits is None and self.a_bits is None and self.kv_bits is None:
             return "FP32"
@@ -135,6 +145,8 @@ class QuantPlan:
             how = f"SmoothQuant a={self.smoothquant_alpha:g} " + how
         if self.truncation:
             how += " +trunc"
+        if self.sink_tokens:
+            how += f" +sink{self.sink_tokens}"
         return f"{bits} {how}"
 
     def to_dict(self) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 
 from sasq.model import ActivationHook
 from sasq.plan import HEAD_SITE, KV_SITES, QuantPlan
-from sasq.sites import Site, SiteSpec
+from sasq.sites import Site, SiteSpec, tie_expand
 from sasq.transforms import fake_quant_model
 
 
@@ -74,7 +74,8 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
                         name=name, channels=channels[name], head_dim=hd, tie=tie)
         sites[(i, name)] = Site(spec, kind, bits, per_channel=per_ch and kind != "dynamic",
                                 folded=folded, truncation=plan.truncation and role == "act",
-                                log=plan.param_space == "log", lsq=plan.lsq_grad_scale, dtype=dtype)
+                                log=plan.param_space == "log", lsq=plan.lsq_grad_scale, dtype=dtype,
+                                sink=plan.sink_tokens)
     return sites
 
 
@@ -145,6 +146,20 @@ class QuantModel:
              for s in self.sites.values() if s.folded}
         f.update(self.smooth)
         return f
+
+    def arriving_divisor(self, site: Site, folds: dict | None = None):
+        """The per-channel factor (x's channels) that site's input arrives divided by, relative
+        to the FP model's activation, or None: its own scale (folded site), the o_in fold
+        (v_cache), its SmoothQuant factor."""
+        folds = self.folds if folds is None else folds
+        if site.folded:
+            return site.expand(site.value(site.scale_key)).astype(self.dtype)
+        if site.name == "v_cache":
+            return folds.get(f"layers.{site.layer}.o_in")
+        f = self.smooth.get(site.key)
+        if f is None:
+            return None
+        return tie_expand(f, self.config.n_groups, self.head_dim) if len(f) != site.channels else f
 
     def _sync(self) -> None:
         for s in self.sites.values():  # validates the parameters before any fold uses them
@@ -223,6 +238,11 @@ class QuantModel:
         lives in the weights), (channels,) for fake per-channel sites (not an integer GEMM) and
         for v_cache under an o_in fold (s_v / f_o)."""
         return {s.key: s.applied_scale for s in self.sites.values() if s.kind == "static"}
+
+    def sink_scales(self) -> dict[str, np.ndarray]:
+        """Per static site with sink rows: (sink_tokens,) per-tensor scales of positions 0..k-1,
+        in the domain the site's input arrives in (as deployed_scales)."""
+        return {s.key: np.array(s.s_sink) for s in self.sites.values() if s.sink_key}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         d = {k: v.copy() for k, v in self.params.items()}

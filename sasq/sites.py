@@ -217,18 +217,22 @@ class Site:
     values derived from them by sync(), and its stage table."""
 
     def __init__(self, spec: SiteSpec, kind: str, bits: int | None, per_channel: bool,
-                 folded: bool, truncation: bool, log: bool, lsq: bool, dtype):
+                 folded: bool, truncation: bool, log: bool, lsq: bool, dtype, sink: int = 0):
         self.spec, self.kind, self.bits = spec, kind, bits
         self.per_channel, self.folded, self.truncation = per_channel, folded, truncation
         self.log, self.lsq, self.dtype = log, lsq, np.dtype(dtype)
+        self.sink = sink if kind != "dynamic" else 0
         self.stages = stage_table(kind, truncation)
         self.params: dict[str, np.ndarray] = {}
         pre = "log_" if log else ""
         shape = (spec.channels // spec.tie,) if per_channel else ()
         one = 0.0 if log else 1.0
-        self.scale_key = self.rho_key = self.gain_key = None
+        self.scale_key = self.rho_key = self.gain_key = self.sink_key = None
         if kind == "static":
             self.scale_key = f"{spec.key}.{pre}scale"
+            if self.sink:
+                self.sink_key = f"{spec.key}.{pre}sink_scale"
+                self.params[self.sink_key] = np.full((self.sink,), one, self.dtype)
         elif kind == "control":
             self.scale_key = f"{spec.key}.{pre}clip"
             self.gain_key = f"{spec.key}.{pre}gain"
@@ -239,7 +243,7 @@ class Site:
             self.rho_key = f"{spec.key}.rho"
             self.params[self.rho_key] = np.full(shape, RHO_INIT, self.dtype)
         # derived by sync
-        self.s = self.c = self.t = self.gain = self.sig = self.mult = None
+        self.s = self.c = self.t = self.gain = self.sig = self.mult = self.s_sink = None
 
     # ---- description
     key = property(lambda self: self.spec.key)
@@ -296,10 +300,14 @@ class Site:
                 np.clip(p, -RHO_MAX, RHO_MAX, out=p)
             elif not self.log and np.any(p <= 0):
                 raise ValueError(f"param {k} must be > 0 (linear-space scale)")
+        for key in (self.scale_key, self.sink_key):
+            v = self.value(key) if key else None
+            if v is not None and (not np.all(np.isfinite(v)) or np.any(v <= 0)):
+                raise ValueError(f"param {key} gives a scale that is not finite and > 0 "
+                                 f"(range {np.min(v):.3g}..{np.max(v):.3g})")
         v = self.value(self.scale_key)
-        if not np.all(np.isfinite(v)) or np.any(v <= 0):
-            raise ValueError(f"param {self.scale_key} gives a scale that is not finite and > 0 "
-                             f"(range {np.min(v):.3g}..{np.max(v):.3g})")
+        if self.sink_key:
+            self.s_sink = self.value(self.sink_key).astype(self.dtype)
         s_x = self.expand(v).astype(self.dtype)
         self.sig = (self.expand(sigmoid(self.params[self.rho_key])).astype(self.dtype)
                     if self.truncation else None)
@@ -321,24 +329,45 @@ class Site:
         self.t = self.sig * self.c if self.truncation else None
 
     # ---- forward / backward
+    # Sink rows: positions p < sink of every sequence (x holds positions pos..pos+T-1). A static
+    # site rounds them with their own per-tensor scale s_sink[p] in the domain x arrives in (for
+    # a folded site: relative to the folded grid), without truncation; the control passes them
+    # through. The stage table runs on all rows and the sink rows are then overwritten, which
+    # costs k rows of work instead of a copy of the whole activation.
+    def _n_sink(self, pos: int, T: int) -> int:
+        return max(0, min(self.sink - pos, T))
+
     def forward(self, x: np.ndarray, pos: int, keep: bool):
-        """x (B, T, C) -> (y, ctx): ctx (the input) when keep, for backward."""
+        """x (B, T, C) at positions pos.. -> (y, ctx): ctx (the input, pos) when keep."""
         if self.kind != "dynamic":
             x = np.ascontiguousarray(x)
         y = x
         for stage in self.stages:
             y = stage.forward(y, self)
-        return y, (x if keep else None)
+        n_s = self._n_sink(pos, x.shape[1])
+        if n_s:
+            y = y if y is not x else y.copy()
+            for j in range(n_s):
+                xj = np.ascontiguousarray(x[:, j])  # (B, C)
+                y[:, j] = (xj if self.kind == "control" else
+                           _backend(x.dtype).fake_quant(xj, self.s_sink[pos + j], self.bits))
+        return y, ((x, pos) if keep else None)
 
     def backward(self, ctx, g: np.ndarray, grads: dict) -> np.ndarray:
-        """g at the output -> g at the input; parameter gradients are added into grads."""
+        """g at the output -> g at the input; parameter gradients are added into grads.
+        May overwrite g (the model never reuses a gradient it handed to a hook)."""
         if ctx is None:
             raise RuntimeError(f"site {self.key}: backward without a recorded forward "
                                "(use QuantModel.forward_tape, not forward)")
-        x = ctx
+        x, pos = ctx
         if self.kind == "dynamic":
             return g
         g = np.ascontiguousarray(g, dtype=x.dtype)
+        n_s = self._n_sink(pos, x.shape[1])
+        g_sink = None
+        if n_s:
+            g_sink = g[:, :n_s].copy()
+            g[:, :n_s] = 0  # the body stages see no gradient from the sink rows
         inputs = [x]  # the input of every stage, recomputed
         for stage in self.stages[:-1]:
             inputs.append(stage.forward(inputs[-1], self))
@@ -346,7 +375,34 @@ class Site:
         for stage, xin in zip(reversed(self.stages), reversed(inputs)):
             g, d = stage.backward(xin, g, self)
             vg.update(d)
+        if n_s:
+            g = self._sink_backward(x, g, g_sink, pos, n_s, vg, grads)
         self._param_grads(vg, x, grads)
+        return g
+
+    def _sink_backward(self, x, g, g_sink, pos, n_s, vg, grads):
+        """STE/LSQ through the sink rows. Folded site: the sink row is s_x * s_sink * round(x /
+        (s_x * s_sink)) in the unfolded domain, so the body scale also gets the LSQ term of
+        these rows (times s_sink); it is added to the stage gradient "s" before the chain."""
+        if self.kind == "control":
+            g[:, :n_s] = g_sink
+            return g
+        ops = _backend(x.dtype)
+        gp = np.zeros(self.sink, dtype=np.float64)
+        for j in range(n_s):
+            xj = np.ascontiguousarray(x[:, j])
+            s_j = self.s_sink[pos + j]
+            gx, gs_c = ops.fake_quant_backward(xj, np.full(xj.shape[-1], s_j, x.dtype),
+                                               np.ascontiguousarray(g_sink[:, j]), self.bits)
+            gs_c = np.asarray(gs_c, dtype=x.dtype)  # (C,) per-channel LSQ partials
+            g[:, j] = gx
+            gp[pos + j] += float(gs_c.sum(dtype=np.float64))
+            if self.folded:
+                vg["s"] = vg["s"] + gs_c * s_j
+        p = self.params[self.sink_key]
+        gv = param_grad(gp.astype(x.dtype), p, self.log)
+        grads.setdefault(self.sink_key, np.zeros_like(p))
+        grads[self.sink_key] += gv.astype(grads[self.sink_key].dtype)
         return g
 
     def _param_grads(self, vg: dict, x: np.ndarray, grads: dict) -> None:

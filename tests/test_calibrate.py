@@ -125,6 +125,27 @@ def test_smoothquant_factors_from_calibration(model, windows):
     np.testing.assert_allclose(scale(q, "layers.1.mlp_in.log_scale"), want, rtol=1e-6)
 
 
+@pytest.mark.parametrize("plan", [QuantPlan(8, 8, sink_tokens=2, kv_bits=8),
+                                  QuantPlan(8, 8, granularity="channel", sink_tokens=3, kv_bits=8),
+                                  QuantPlan(8, 8, smoothquant_alpha=0.5, sink_tokens=1)],
+                         ids=lambda p: p.label)
+def test_sink_rows_calibrated_apart(model, windows, plan):
+    """Body statistics leave the first k rows out; sink scale p = max over windows and channels
+    of |x_p| in the domain the site input arrives in, / qmax."""
+    k = plan.sink_tokens
+    xs = recorded(model, windows)
+    q = calibrate(quantize(model, plan), windows, progress=False, method="absmax")
+    for (layer, site), st in q.sites.items():
+        div = q.arriving_divisor(st)
+        div = 1.0 if div is None else div
+        body = [np.abs(x[k:] / (div if st.name != "v_cache" and st.folded else 1.0)) for x in xs[(layer, site)]]
+        if not st.per_channel and st.key not in q.smooth and not (st.name == "v_cache" and "layers.0.o_in" in q.folds):
+            np.testing.assert_allclose(scale(q, st.scale_key), np.max([b.max() for b in body]) / st.qmax,
+                                       rtol=STAT_RTOL, err_msg=st.key)
+        want = np.max([np.abs(x[:k] / div).max(axis=1) for x in xs[(layer, site)]], axis=0) / st.qmax
+        np.testing.assert_allclose(st.s_sink, want, rtol=STAT_RTOL, err_msg=st.key)
+
+
 def test_one_d_ids_windows_and_batches(model, windows):
     flat = windows.reshape(-1)
     qa = calibrate(quantize(model, QuantPlan(8, 8)), flat, seqlen=10, progress=False)

@@ -366,17 +366,19 @@ def test_smoothquant_forward(model, ids):
 # --------------------------------------------------------------------------- KV cache, backends
 
 @pytest.mark.parametrize("plan", [QuantPlan(8, 8, kv_bits=8, granularity="channel"),
-                                  QuantPlan(8, 8, mode="dynamic", kv_bits=4)],
+                                  QuantPlan(8, 8, mode="dynamic", kv_bits=4),
+                                  QuantPlan(8, 6, kv_bits=6, granularity="channel", sink_tokens=5),
+                                  QuantPlan(8, 6, truncation=True, sink_tokens=4)],
                          ids=lambda p: p.label)
 def test_generate_with_cache_matches_full_forward(plan, ids):
+    """Decode positions < sink_tokens use the sink scales, exactly as a full forward does."""
     m = outlier_model(np.float32)
     q = calibrate(quantize(m, plan), ids, progress=False)
     prompt = [1, 5, 9]
     toks = q.generate(prompt, 5)
     full = q.forward(np.array([prompt + toks[:-1]]))[0]
     np.testing.assert_array_equal(np.argmax(full[len(prompt) - 1:], -1), toks)
-    assert {"layers.0.k_cache.scale", "layers.0.v_cache.log_scale"} & set(q.params) or \
-        "layers.0.k_cache.log_scale" in q.params
+    assert not plan.kv_bits or "layers.0.k_cache.log_scale" in q.params
 
 
 def test_float32_c_kernels_match_numpy_twin(ids, monkeypatch):
@@ -432,3 +434,20 @@ def test_deployed_scales(model, ids):
     np.testing.assert_allclose(d["layers.1.v_cache"], q.scales()["layers.1.v_cache"] / f)
     qt = calibrate(quantize(model, QuantPlan(8, 8)), ids, progress=False)
     np.testing.assert_allclose(qt.deployed_scales()["layers.0.o_in"], qt.scales()["layers.0.o_in"])
+
+
+def test_sink_rows_use_their_own_scale(model, ids):
+    q = calibrate(quantize(model, QuantPlan(None, 8, sink_tokens=2)), ids, progress=False)
+    s, ss = q.sites[(0, "mlp_in")].s, q.sites[(0, "mlp_in")].s_sink
+    assert ss.shape == (2,) and q.sink_scales()["layers.0.mlp_in"].shape == (2,)
+    x = np.random.default_rng(0).standard_normal((2, 5, CFG.hidden_size)) * 3
+    for pos in (0, 1, 3):
+        y = q.hook.forward(0, "mlp_in", x, pos, False)[0]
+        for j in range(5):
+            sc = ss[pos + j] if pos + j < 2 else s
+            np.testing.assert_allclose(y[:, j], np.clip(np.rint(x[:, j] / sc), -127, 127) * sc,
+                                       rtol=1e-12, err_msg=f"pos {pos} row {j}")
+    with pytest.raises(ValueError, match="sink_tokens"):
+        QuantPlan(8, 8, mode="dynamic", sink_tokens=2)
+    with pytest.raises(ValueError, match="sink_tokens"):
+        QuantPlan(8, 8, sink_tokens=-1)

@@ -200,7 +200,23 @@ class Surrogate(ActivationHook):
 
     # hook protocol (sasq.model.ActivationHook); the surrogate is only ever differenced
     def forward(self, layer, site, x, pos, keep):
-        return self._quantize(layer, site, x), None
+        y = self._quantize(layer, site, x)
+        st = self.sites.get((layer, site))
+        if st is not None and st.sink and pos < st.sink:   # sink rows: own per-tensor scales
+            y = y.copy()
+            for j in range(min(st.sink - pos, x.shape[1])):
+                y[:, j] = x[:, j] if st.kind == "control" else self._sink_row(layer, site, x[:, j], pos + j)
+        return y, None
+
+    def _sink_row(self, layer, site, x, p):
+        """A sink row in the domain it arrives in: per-tensor LSQ surrogate with scale s_sink[p]."""
+        st = self.sites[(layer, site)]
+        s, qm = self.val(self.p, st.sink_key)[p], _qm(st.bits)
+        u, key = x / s, (layer, site, "sink", p)
+        if self.recording:
+            self.frozen[key] = (np.rint(u) - u, u < -qm, u > qm)
+        d0, lo, hi = self.frozen[key]
+        return np.where(lo, -qm * s, np.where(hi, qm * s, x + s * d0))
 
     def _quantize(self, layer, site, x):
         st = self.sites.get((layer, site))
@@ -265,6 +281,7 @@ def fd_check(q, ids, R, n=N_FD, seed=3, embed_checks=6):
 
 
 CONTROL_PLANS = [
+    QuantPlan(w_bits=None, a_bits=None, adapt_control=True, granularity="channel", sink_tokens=2),
     QuantPlan(w_bits=None, a_bits=None, adapt_control=True, granularity="channel"),
     QuantPlan(w_bits=None, a_bits=None, adapt_control=True, granularity="tensor", truncation=True),
     QuantPlan(w_bits=8, a_bits=None, adapt_control=True, granularity="channel", truncation=True,
@@ -295,6 +312,11 @@ SURROGATE_PLANS = [
     QuantPlan(w_bits=6, a_bits=5, granularity="channel", fold=False, truncation=True, kv_bits=5),
     QuantPlan(w_bits=8, a_bits=4, granularity="channel", param_space="linear"),
     QuantPlan(w_bits=8, a_bits=8, mode="dynamic"),
+    # sink rows: own scales; folded, the body scale also gets the sink rows' LSQ term
+    QuantPlan(w_bits=4, a_bits=6, granularity="channel", truncation=True, sink_tokens=2),
+    QuantPlan(w_bits=8, a_bits=5, kv_bits=5, sink_tokens=3, quant_head=True),
+    QuantPlan(w_bits=8, a_bits=4, granularity="channel", kv_bits=6, sink_tokens=1,
+              param_space="linear"),
 ]
 
 
