@@ -509,6 +509,69 @@ static PyObject *py_linear_int8(PyObject *self, PyObject *args) {
     return (PyObject *)y;
 }
 
+/* ---------------------------------------------------------------- weights */
+
+/* An optional float32 1-D factor of length n, finite and > 0 (None -> NULL). */
+static int check_factor(PyObject *o, const char *name, int64_t n, const float **ptr) {
+    *ptr = NULL;
+    if (o == Py_None) return 0;
+    PyArrayObject *f = check_array(o, name, NPY_FLOAT32, "float32", 1);
+    if (!f) return -1;
+    if (PyArray_NDIM(f) != 1 || PyArray_SIZE(f) != n) {
+        PyErr_Format(PyExc_ValueError, "%s must be 1-D of length %lld", name, (long long)n);
+        return -1;
+    }
+    const float *p = PyArray_DATA(f);
+    for (int64_t i = 0; i < n; i++) {
+        if (!(isfinite(p[i]) && p[i] > 0.0f)) {
+            PyErr_Format(PyExc_ValueError, "%s must be finite and > 0 (index %lld)", name, (long long)i);
+            return -1;
+        }
+    }
+    *ptr = p;
+    return 0;
+}
+
+static PyObject *py_fold_quant_weight(PyObject *self, PyObject *args) {
+    PyObject *wo, *co, *ro;
+    int bits, want_codes;
+    if (!PyArg_ParseTuple(args, "OOOip:fold_quant_weight", &wo, &co, &ro, &bits, &want_codes))
+        return NULL;
+    PyArrayObject *w = check_array(wo, "w", NPY_FLOAT32, "float32", 2);
+    if (!w) return NULL;
+    if (PyArray_NDIM(w) != 2) {
+        PyErr_Format(PyExc_ValueError, "w must be 2-D (out, in), got %d dimensions", PyArray_NDIM(w));
+        return NULL;
+    }
+    if (bits != 0 && check_bits(bits)) return NULL;
+    if (bits == 0 && want_codes) {
+        PyErr_SetString(PyExc_ValueError, "codes need bits in [2, 8]");
+        return NULL;
+    }
+    int64_t rows = PyArray_DIMS(w)[0], cols = PyArray_DIMS(w)[1];
+    const float *col, *row;
+    if (check_factor(co, "col", cols, &col) || check_factor(ro, "row", rows, &row)) return NULL;
+    npy_intp dv[1] = {rows};
+    PyArrayObject *out = new_like(w, want_codes ? NPY_INT8 : NPY_FLOAT32);
+    PyArrayObject *sc = want_codes ? (PyArrayObject *)PyArray_SimpleNew(1, dv, NPY_FLOAT32) : NULL;
+    if (!out || (want_codes && !sc)) { Py_XDECREF(out); Py_XDECREF(sc); return NULL; }
+    sasq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sasq_fold_quant_weight(PyArray_DATA(w), rows, cols, col, row, bits,
+                                want_codes ? NULL : PyArray_DATA(out),
+                                want_codes ? PyArray_DATA(out) : NULL,
+                                want_codes ? PyArray_DATA(sc) : NULL);
+    Py_END_ALLOW_THREADS
+    if (st == SASQ_ERR_NONFINITE) {
+        Py_DECREF(out); Py_XDECREF(sc);
+        PyErr_SetString(PyExc_ValueError, "fold_quant_weight: w (after the fold) has NaN or inf");
+        return NULL;
+    }
+    if (raise_status(st, "fold_quant_weight")) { Py_DECREF(out); Py_XDECREF(sc); return NULL; }
+    if (!want_codes) return (PyObject *)out;
+    return Py_BuildValue("(NN)", out, sc);
+}
+
 /* ---------------------------------------------------------------- threads, ISA, measurement */
 
 static const char *isa_names[] = {"scalar", "avx2", "avx512vnni"};
@@ -607,6 +670,8 @@ static PyMethodDef methods[] = {
     {"gemm_packed", py_gemm_packed, METH_VARARGS, "gemm_packed(a, packed) -> int32"},
     {"linear_int8", py_linear_int8, METH_VARARGS,
      "linear_int8(a_q, packed, a_scale, w_scales) -> float32"},
+    {"fold_quant_weight", py_fold_quant_weight, METH_VARARGS,
+     "fold_quant_weight(w, col|None, row|None, bits (0: fold only), want_codes) -> fq | (codes, scales)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"available_isas", py_available_isas, METH_NOARGS, "available_isas() -> list[str]"},

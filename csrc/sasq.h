@@ -102,6 +102,14 @@ sasq_status sasq_truncate_quantize(const float *x, const float *t, int64_t t_str
                                    const float *scale, int64_t s_stride, int64_t rows,
                                    int64_t cols, int bits, int8_t *q);
 
+/* ---- weight fold + per-output-channel RTN (weights.c) ----
+ * w' = w * col[j] / row[i] (either NULL), then per row scale = absmax/qmax (1 for a zero row),
+ * codes = clamp(rint(w'/scale)); writes fq = codes*scale and/or codes + scale (NULL to skip).
+ * bits == 0: fold only, into fq. SASQ_ERR_NONFINITE if w' has a NaN/inf (outputs undefined). */
+sasq_status sasq_fold_quant_weight(const float *w, int64_t rows, int64_t cols, const float *col,
+                                   const float *row, int bits, float *fq, int8_t *codes,
+                                   float *scale);
+
 /* ---- INT8 GEMM (gemm_int8.c) ----
  * Weights b (N, K) int8 are packed once into panels of SASQ_NR columns, K padded to a multiple
  * of 4 and interleaved by 4 (the vpdpbusd operand layout); corr[n] = 128 * sum_k b[n, k] lets

@@ -221,7 +221,32 @@ static void test_chunked(void) {
     free(x); free(g); free(y1); free(y3); free(q);
 }
 
+static void test_fold_quant_weight(void) {
+    /* literal: row 0 = [1, -2, 4] * col [1, 1, 0.5] / row 2 = [0.5, -1, 1]; 8 bits: s = 1/127 */
+    const float w[6] = {1.f, -2.f, 4.f, 0.f, 0.f, 0.f}, col[3] = {1.f, 1.f, 0.5f}, row[2] = {2.f, 1.f};
+    float fq[6], sc[2];
+    int8_t cd[6];
+    CHECK(sasq_fold_quant_weight(w, 2, 3, col, row, 8, fq, cd, sc) == SASQ_OK, "fold status");
+    CHECK(sc[0] == 1.0f / 127.0f && sc[1] == 1.0f, "fold scales %g %g", sc[0], sc[1]);
+    CHECK(cd[0] == 64 && cd[1] == -127 && cd[2] == 127 && cd[3] == 0, "fold codes %d %d %d", cd[0], cd[1], cd[2]);
+    CHECK(fq[2] == 127.0f * sc[0] && fq[4] == 0.0f, "fold fake quant");
+    /* 4 bits, no factors, odd sizes: codes * scale == fake; |codes| <= 7; a NaN is refused */
+    enum { R = 37, C = 19 };
+    float *x = malloc(sizeof(float) * R * C), *f = malloc(sizeof(float) * R * C), s2[R];
+    int8_t *q = malloc(R * C);
+    for (int i = 0; i < R * C; i++) x[i] = frand(-5, 5);
+    CHECK(sasq_fold_quant_weight(x, R, C, NULL, NULL, 4, f, q, s2) == SASQ_OK, "fold 4-bit");
+    int ok = 1;
+    for (int i = 0; i < R * C; i++) ok &= q[i] >= -7 && q[i] <= 7 && f[i] == (float)q[i] * s2[i / C];
+    CHECK(ok, "codes * scale == fake quant, |codes| <= 7");
+    x[5] = NAN;
+    CHECK(sasq_fold_quant_weight(x, R, C, NULL, NULL, 4, f, NULL, NULL) == SASQ_ERR_NONFINITE, "NaN");
+    CHECK(sasq_fold_quant_weight(x, R, C, NULL, NULL, 9, f, NULL, NULL) == SASQ_ERR_ARG, "bits 9");
+    free(x); free(f); free(q);
+}
+
 int main(void) {
+    test_fold_quant_weight();
     test_quantize();
     test_ste();
     test_truncate();

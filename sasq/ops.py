@@ -44,6 +44,7 @@ from sasq import _C, blas, grid
 __all__ = [
     "quantize", "dequantize", "fake_quant", "fake_quant_backward",
     "truncate", "truncate_backward", "truncate_quantize",
+    "fold_quant_weight", "fold_quantize_weight",
     "gemm_int8", "pack_weights", "linear_int8", "PackedWeights",
     "set_num_threads", "get_num_threads", "available_isas", "set_isa", "get_isa", "qmax",
 ]
@@ -174,6 +175,31 @@ def truncate_quantize(x: np.ndarray, threshold, scale, bits: int = 8) -> np.ndar
     t, _ = _vec(threshold, "threshold")
     s, _ = _vec(scale, "scale")
     return _C.truncate_quantize(x, t, s, _bits(bits))
+
+
+# ---------------------------------------------------------------- weights
+
+def _factor(f, name, n):
+    if f is None:
+        return None
+    if not isinstance(f, np.ndarray):
+        raise TypeError(f"{name} must be a float32 numpy array or None, got {type(f).__name__}")
+    return np.ascontiguousarray(f, dtype=np.float32) if f.dtype != np.float32 else f
+
+
+def fold_quant_weight(w: np.ndarray, bits: int | None, col=None, row=None) -> np.ndarray:
+    """float32 (out, in): w * col[None, :] / row[:, None] (two float32 roundings, in this order;
+    either factor may be None), then rounded per output channel: scale = absmax(row)/qmax (1 for a
+    zero row), scale * clamp(rint(w'/scale), -qmax, qmax). bits None: the fold alone. Factors must
+    be finite and > 0; a non-finite folded weight is a ValueError."""
+    return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
+                                0 if bits is None else _bits(bits), False)
+
+
+def fold_quantize_weight(w: np.ndarray, bits: int, col=None, row=None):
+    """(codes int8 (out, in), scales float32 (out,)) of fold_quant_weight: fq = codes * scales."""
+    return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
+                                _bits(bits), True)
 
 
 # ---------------------------------------------------------------- INT8 GEMM

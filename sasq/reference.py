@@ -126,6 +126,46 @@ def truncate_quantize(x, threshold, scale, bits=8):
     return np.clip(np.rint(y / s), -qm, qm).astype(np.int8)
 
 
+# ---------------------------------------------------------------- weights
+
+def _fold(w, col, row):
+    if col is not None:
+        w = w * np.asarray(col, w.dtype)[None, :]
+    if row is not None:
+        w = w / np.asarray(row, w.dtype)[:, None]
+    return w
+
+
+def _rtn(w, bits):  # -> (codes as floats, scales (out, 1)), in w's dtype
+    qm = qmax(bits)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / qm, 1).astype(w.dtype)[:, None]
+    q = np.divide(w, scale)
+    np.rint(q, out=q)
+    np.clip(q, -qm, qm, out=q)
+    return q, scale
+
+
+def fold_quant_weight(w, bits, col=None, row=None):
+    """Twin of sasq.ops.fold_quant_weight, in w's dtype (any float)."""
+    w = _fold(w, col, row)
+    if bits is None:
+        return w
+    if not np.all(np.isfinite(w)):
+        raise ValueError("fold_quant_weight: w (after the fold) has NaN or inf")
+    q, scale = _rtn(w, bits)
+    q *= scale
+    return q
+
+
+def fold_quantize_weight(w, bits, col=None, row=None):
+    w = _fold(w, col, row)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("fold_quant_weight: w (after the fold) has NaN or inf")
+    q, scale = _rtn(w, bits)
+    return q.astype(np.int8), scale[:, 0]
+
+
 # ---------------------------------------------------------------- INT8 GEMM
 
 def gemm_int8(a, b):  # (..., K) int8, (N, K) int8 -> (..., N) int32, exact

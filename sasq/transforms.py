@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from sasq import grid
 from sasq.sites import tie_expand, tie_reduce_max
 
 # matrix -> (site whose factor multiplies its columns, site whose factor divides its rows)
@@ -40,33 +39,25 @@ MIN_SMOOTH = 1e-5
 
 # --------------------------------------------------------------------------- rounding
 
-def rtn_scales(w: np.ndarray, bits: int) -> np.ndarray:
-    """Per-output-channel scale absmax(row)/qmax (1 for an all-zero row), (out,) in w's dtype."""
-    amax = np.abs(w).max(axis=1)
-    return np.where(amax > 0, amax / grid.qmax(bits), 1).astype(w.dtype)
+def _kernels(dtype):
+    """float32 -> the C kernels (sasq.ops); other float dtypes -> their NumPy twins."""
+    if np.dtype(dtype) == np.float32:
+        from sasq import ops
+        return ops
+    from sasq import reference
+    return reference
 
 
 def quantize_weight(w: np.ndarray, bits: int):
     """Per-output-channel symmetric RTN: (codes (out, in) int8, scales (out,)) with
-    w ~ codes * scales[:, None]."""
-    qm = grid.qmax(bits)
-    scale = rtn_scales(w, bits)
-    q = np.clip(np.rint(w / scale[:, None]), -qm, qm)
-    return q.astype(np.int8), scale
+    w ~ codes * scales[:, None]; scale = absmax(row)/qmax (1 for an all-zero row)."""
+    return _kernels(w.dtype).fold_quantize_weight(np.ascontiguousarray(w), bits)
 
 
 def fake_quant_weight(w: np.ndarray, bits: int | None) -> np.ndarray:
     """scale * clamp(rint(w / scale)) per output row: the numbers quantize_weight's codes give
     (codes * scales in w's dtype). bits None: w itself."""
-    if bits is None:
-        return w
-    qm = grid.qmax(bits)
-    scale = rtn_scales(w, bits)[:, None]
-    out = np.divide(w, scale)  # in place from here on: big matrices, every sync
-    np.rint(out, out=out)
-    np.clip(out, -qm, qm, out=out)
-    out *= scale
-    return out
+    return fold_quant_matrix(w, None, None, bits, w.dtype)
 
 
 # --------------------------------------------------------------------------- folds
@@ -83,17 +74,17 @@ def matrix_factors(folds: dict, layer: int, name: str, config):
 
 
 def fold_matrix(w: np.ndarray, col=None, row=None) -> np.ndarray:
-    """w * col[None, :] / row[:, None] (either may be None)."""
-    if col is not None:
-        w = w * col[None, :]
-    if row is not None:
-        w = w / row[:, None]
-    return w
+    """w * col[None, :] / row[:, None] (either may be None; two roundings, in this order)."""
+    return fold_quant_matrix(w, col, row, None, w.dtype)
 
 
 def fold_quant_matrix(w, col, row, bits: int | None, dtype) -> np.ndarray:
-    """The weight the fake-quant model uses: fold, then per-row RTN, contiguous in dtype."""
-    return np.ascontiguousarray(fake_quant_weight(fold_matrix(w, col, row), bits), dtype=dtype)
+    """The weight the fake-quant model uses: fold, then per-row RTN, contiguous in dtype
+    (w itself when there is nothing to do)."""
+    if col is None and row is None and bits is None:
+        return np.ascontiguousarray(w, dtype=dtype)
+    w = np.ascontiguousarray(w, dtype=dtype)
+    return _kernels(dtype).fold_quant_weight(w, bits, col, row)
 
 
 def fold_norm(g: np.ndarray, f) -> np.ndarray:
