@@ -315,6 +315,114 @@ static PyObject *py_truncate_quantize(PyObject *self, PyObject *args) {
     return (PyObject *)q;
 }
 
+/* ---------------------------------------------------------------- Hadamard rotation */
+
+/* small: a square (m, m) float32 matrix of finite values with x's last axis n = m * 2^k.
+ * Returns m, or -1 with an exception set. */
+static int64_t check_small(PyObject *o, int64_t n, const float **ptr) {
+    PyArrayObject *s = check_array(o, "small", NPY_FLOAT32, "float32", 2);
+    if (!s) return -1;
+    if (PyArray_NDIM(s) != 2 || PyArray_DIMS(s)[0] != PyArray_DIMS(s)[1]) {
+        PyErr_Format(PyExc_ValueError, "small must be a square 2-D (m, m) matrix, got %d "
+                     "dimensions of sizes %lld, %lld, ...", PyArray_NDIM(s),
+                     (long long)PyArray_DIMS(s)[0], (long long)PyArray_DIMS(s)[1]);
+        return -1;
+    }
+    int64_t m = PyArray_DIMS(s)[0];
+    const float *p = PyArray_DATA(s);
+    for (int64_t i = 0; i < m * m; i++) {
+        if (!isfinite(p[i])) {
+            PyErr_Format(PyExc_ValueError, "small must be finite, got a non-finite value at "
+                         "(%lld, %lld)", (long long)(i / m), (long long)(i % m));
+            return -1;
+        }
+    }
+    int64_t r = n / m;
+    if (n % m || (r & (r - 1))) {
+        PyErr_Format(PyExc_ValueError, "x's last axis (%lld) must be m * 2^k for small of shape "
+                     "(%lld, %lld)", (long long)n, (long long)m, (long long)m);
+        return -1;
+    }
+    *ptr = p;
+    return m;
+}
+
+/* out: None (a new array) or a writeable float32 array of x's shape that is x itself (in place)
+ * or does not overlap it. Returns a new reference or NULL with an exception set. */
+static PyArrayObject *output_like(PyObject *outo, PyArrayObject *x) {
+    if (outo == Py_None) return new_like(x, NPY_FLOAT32);
+    PyArrayObject *o = check_array(outo, "out", NPY_FLOAT32, "float32", 1);
+    if (!o || same_shape(x, o, "x", "out")) return NULL;
+    if (!PyArray_ISWRITEABLE(o)) {
+        PyErr_SetString(PyExc_ValueError, "out must be writeable");
+        return NULL;
+    }
+    const char *a = PyArray_DATA(x), *b = PyArray_DATA(o);
+    size_t nb = (size_t)PyArray_NBYTES(x);
+    if (a != b && a < b + nb && b < a + nb) {
+        PyErr_SetString(PyExc_ValueError, "out overlaps x without being x (pass out=x for in "
+                        "place, or a separate array)");
+        return NULL;
+    }
+    Py_INCREF(o);
+    return o;
+}
+
+static PyObject *py_hadamard(PyObject *self, PyObject *args) {
+    PyObject *xo, *smo, *outo = Py_None;
+    int transpose;
+    if (!PyArg_ParseTuple(args, "OOp|O:hadamard", &xo, &smo, &transpose, &outo)) return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, "float32", 1);
+    if (!x) return NULL;
+    int64_t n = last_dim(x), rows = PyArray_SIZE(x) / n;
+    const float *sm;
+    int64_t m = check_small(smo, n, &sm);
+    if (m < 0) return NULL;
+    PyArrayObject *y = output_like(outo, x);
+    if (!y) return NULL;
+    sasq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sasq_hadamard(PyArray_DATA(x), rows, n, sm, m, transpose, PyArray_DATA(y));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "hadamard")) { Py_DECREF(y); return NULL; }
+    return (PyObject *)y;
+}
+
+/* hadamard_quantize (int8 codes, quantize's rules: no grid check) and hadamard_fake_quant
+ * (float32, fake_quant's rule: scale * qmax finite). */
+static PyObject *hadamard_quant(PyObject *args, int fake) {
+    PyObject *xo, *smo, *so;
+    int bits, transpose;
+    if (!PyArg_ParseTuple(args, fake ? "OOOip:hadamard_fake_quant" : "OOOip:hadamard_quantize",
+                          &xo, &smo, &so, &bits, &transpose))
+        return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, "float32", 1);
+    if (!x || check_bits(bits)) return NULL;
+    int64_t n = last_dim(x), rows = PyArray_SIZE(x) / n;
+    const float *sm, *s;
+    int64_t m = check_small(smo, n, &sm);
+    if (m < 0) return NULL;
+    int64_t ss = check_scale(so, "scale", n, &s);
+    if (ss < 0 || (fake && check_grid(s, ss, n, bits, "scale"))) return NULL;
+    PyArrayObject *out = new_like(x, fake ? NPY_FLOAT32 : NPY_INT8);
+    if (!out) return NULL;
+    sasq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = fake ? sasq_hadamard_fake_quant(PyArray_DATA(x), rows, n, sm, m, transpose, s, ss, bits,
+                                         PyArray_DATA(out))
+              : sasq_hadamard_quantize(PyArray_DATA(x), rows, n, sm, m, transpose, s, ss, bits,
+                                       PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, fake ? "hadamard_fake_quant" : "hadamard_quantize")) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return (PyObject *)out;
+}
+
+static PyObject *py_hadamard_quantize(PyObject *self, PyObject *args) { return hadamard_quant(args, 0); }
+static PyObject *py_hadamard_fake_quant(PyObject *self, PyObject *args) { return hadamard_quant(args, 1); }
+
 /* ---------------------------------------------------------------- packed weights */
 
 typedef struct {
@@ -665,6 +773,12 @@ static PyMethodDef methods[] = {
      "truncate_backward(x, threshold, ceiling, grad_out) -> (grad_x, grad_t, grad_c)"},
     {"truncate_quantize", py_truncate_quantize, METH_VARARGS,
      "truncate_quantize(x, threshold, scale, bits) -> int8"},
+    {"hadamard", py_hadamard, METH_VARARGS,
+     "hadamard(x, small, transpose, out=None) -> float32 x kron(small, H_p)^T / sqrt(n) (or ^T off)"},
+    {"hadamard_quantize", py_hadamard_quantize, METH_VARARGS,
+     "hadamard_quantize(x, small, scale, bits, transpose) -> int8"},
+    {"hadamard_fake_quant", py_hadamard_fake_quant, METH_VARARGS,
+     "hadamard_fake_quant(x, small, scale, bits, transpose) -> float32"},
     {"gemm_int8", py_gemm_int8, METH_VARARGS, "gemm_int8(a (M,K) int8, b (N,K) int8) -> int32 (M,N)"},
     {"pack_weights", py_pack_weights, METH_VARARGS, "pack_weights(w (N,K) int8) -> PackedWeights"},
     {"gemm_packed", py_gemm_packed, METH_VARARGS, "gemm_packed(a, packed) -> int32"},

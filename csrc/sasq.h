@@ -110,6 +110,24 @@ sasq_status sasq_fold_quant_weight(const float *w, int64_t rows, int64_t cols, c
                                    const float *row, int bits, float *fq, int8_t *codes,
                                    float *scale);
 
+/* ---- Hadamard rotation (hadamard.c) ----
+ * Rows of n = m * p (p = 2^k), index i = a * p + b; H = kron(S, H_p), S the (m, m) `small`
+ * (row-major, any float32 values; a +-1 Hadamard makes the transform orthonormal), H_p Sylvester.
+ * transpose = 0: y = x H^T / sqrt(n); transpose = 1: y = x H / sqrt(n). y may be x (in place).
+ * SASQ_ERR_ARG if n is not m times a power of two. Bit-identical on every tier and thread count. */
+sasq_status sasq_hadamard(const float *x, int64_t rows, int64_t n, const float *small, int64_t m,
+                          int transpose, float *y);
+/* q = quantize(hadamard(x)) bit for bit (scale per tensor or per column of the result, as in
+ * sasq_quantize); SASQ_ERR_NONFINITE if a transformed value is NaN/inf. x is not modified. */
+sasq_status sasq_hadamard_quantize(const float *x, int64_t rows, int64_t n, const float *small,
+                                   int64_t m, int transpose, const float *scale, int64_t s_stride,
+                                   int bits, int8_t *q);
+/* y = fake_quant(hadamard(x)) bit for bit; SASQ_ERR_ARG (nothing written) if some s * qmax is
+ * not finite in float32. */
+sasq_status sasq_hadamard_fake_quant(const float *x, int64_t rows, int64_t n, const float *small,
+                                     int64_t m, int transpose, const float *scale,
+                                     int64_t s_stride, int bits, float *y);
+
 /* ---- INT8 GEMM (gemm_int8.c) ----
  * Weights b (N, K) int8 are packed once into panels of SASQ_NR columns, K padded to a multiple
  * of 4 and interleaved by 4 (the vpdpbusd operand layout); corr[n] = 128 * sum_k b[n, k] lets

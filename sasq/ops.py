@@ -32,6 +32,7 @@ Conventions (DESIGN.md section 2)
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -40,10 +41,12 @@ import warnings
 import numpy as np
 
 from sasq import _C, blas, grid
+from sasq import hadamard as hadamard_mod
 
 __all__ = [
     "quantize", "dequantize", "fake_quant", "fake_quant_backward",
     "truncate", "truncate_backward", "truncate_quantize",
+    "hadamard", "hadamard_quantize", "hadamard_fake_quant",
     "fold_quant_weight", "fold_quantize_weight",
     "gemm_int8", "pack_weights", "linear_int8", "PackedWeights",
     "set_num_threads", "get_num_threads", "available_isas", "set_isa", "get_isa", "qmax",
@@ -200,6 +203,92 @@ def fold_quantize_weight(w: np.ndarray, bits: int, col=None, row=None):
     """(codes int8 (out, in), scales float32 (out,)) of fold_quant_weight: fq = codes * scales."""
     return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
                                 _bits(bits), True)
+
+
+# ---------------------------------------------------------------- Hadamard rotation
+
+_ONE = np.ones((1, 1), np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _default_small(m: int) -> np.ndarray:
+    s = hadamard_mod.small_hadamard(m).astype(np.float32)  # +-1: exact in float32
+    s.flags.writeable = False
+    return s
+
+
+def _small(x, small) -> np.ndarray:
+    """The (m, m) float32 factor: `small` cast like a scale (any real dtype; +-1 int8 from
+    sasq.hadamard is exact), or by default the smallest construction for x's last axis."""
+    if small is None:
+        if not (isinstance(x, np.ndarray) and x.ndim >= 1 and x.shape[-1] > 0):
+            return _ONE  # x itself is wrong: the C checks name it
+        try:
+            m, _ = hadamard_mod.hadamard_factors(x.shape[-1])
+        except ValueError as e:
+            raise ValueError(f"x: its last axis has no Hadamard transform here ({e})") from None
+        return _default_small(m)
+    if isinstance(small, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"small must be a real (m, m) array, got {type(small).__name__}")
+    try:
+        arr = np.asarray(small)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"small must be a real (m, m) array ({str(e).splitlines()[0]})") from None
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"small must be a real (m, m) array, got dtype {arr.dtype}")
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf, refused by the C checks
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _flag(v, name: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def hadamard(x: np.ndarray, small=None, transpose: bool = False, out: np.ndarray | None = None
+             ) -> np.ndarray:
+    """Orthonormal Hadamard rotation over the last axis: y = x M^T, M = kron(S, H_p) / sqrt(n).
+
+    n = x.shape[-1] = m * p, p = 2^k; element i = a * p + b (a < m, b < p), so
+    M[a p + b, a' p + b'] = S[a, a'] H_p[b, b'] / sqrt(n) with H_p Sylvester (symmetric) and S
+    the (m, m) `small` matrix: by default sasq.hadamard.small_hadamard(m) for the smallest m of
+    sasq.hadamard.hadamard_factors(n) (m = 1 for a power of two); sasq.hadamard.hadamard_matrix(n)
+    is the same M, dense. A given `small` may be any real (m, m) array (cast to float32) with
+    n = m * 2^k; M is orthonormal when S S^T = m I.
+
+    transpose=True applies M instead of M^T: y = x M. Paley factors are not symmetric, so this is
+    the inverse, hadamard(hadamard(x), transpose=True) == x up to rounding, and the backward:
+    forward y = hadamard(x) (y = x M^T) has dx = dy M = hadamard(dy, transpose=True); forward
+    y = hadamard(x, transpose=True) has dx = hadamard(dy).
+
+    float32 throughout: fast Walsh-Hadamard butterflies for the 2^k part, a dense m-term sum for
+    the m part, one multiply by float32(1 / sqrt(n)); bit-identical on every ISA tier and thread
+    count. out: None (a new array), x itself (in place) or a separate float32 array of x's shape.
+    NaN/inf in a row spread over that row."""
+    s = _small(x, small)
+    return _C.hadamard(x, s, _flag(transpose, "transpose"), out)
+
+
+def hadamard_quantize(x: np.ndarray, scale, bits: int = 8, *, small=None,
+                      transpose: bool = False) -> np.ndarray:
+    """Fused inference path: int8 quantize(hadamard(x, small, transpose), scale, bits), bit for
+    bit, without a float intermediate array (x is not modified). scale per tensor, or per channel
+    of the rotated axis; quantize's rules: ValueError if a rotated value is NaN or inf, any
+    finite scale > 0 accepted."""
+    s = _small(x, small)
+    sc, _ = _vec(scale, "scale")
+    return _C.hadamard_quantize(x, s, sc, _bits(bits), _flag(transpose, "transpose"))
+
+
+def hadamard_fake_quant(x: np.ndarray, scale, bits: int = 8, *, small=None,
+                        transpose: bool = False) -> np.ndarray:
+    """fake_quant(hadamard(x, small, transpose), scale, bits) bit for bit, fused (float32);
+    fake_quant's rules (NaN propagates, scale * qmax must be finite). For training, the STE
+    backward is fake_quant_backward on hadamard(x), then hadamard(.., transpose=not transpose)."""
+    s = _small(x, small)
+    sc, _ = _vec(scale, "scale")
+    return _C.hadamard_fake_quant(x, s, sc, _bits(bits), _flag(transpose, "transpose"))
 
 
 # ---------------------------------------------------------------- INT8 GEMM

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from sasq import grid
+from sasq import hadamard as hadamard_mod
 
 Z_CAP = 30.0  # truncation: tanh(30) == 1 in double; keeps +-inf finite in the gradients
 LINEAR_MAX_ACC = 128 * 128  # |a_q @ W.T| <= LINEAR_MAX_ACC * K
@@ -164,6 +165,35 @@ def fold_quantize_weight(w, bits, col=None, row=None):
         raise ValueError("fold_quant_weight: w (after the fold) has NaN or inf")
     q, scale = _rtn(w, bits)
     return q.astype(np.int8), scale[:, 0]
+
+
+# ---------------------------------------------------------------- Hadamard rotation
+
+def hadamard_dense(n, small=None):
+    """M = kron(S, H_p) / sqrt(n) (n, n) float64, the matrix sasq.ops.hadamard applies (as x M^T);
+    S = small, or the default construction of sasq.hadamard for n."""
+    if small is None:
+        return hadamard_mod.hadamard_matrix(n)
+    s = np.asarray(small, np.float64)
+    p = n // s.shape[0]
+    assert s.shape[0] * p == n and p & (p - 1) == 0, "n must be m * 2^k"
+    return np.kron(s, hadamard_mod.sylvester(p.bit_length() - 1).astype(np.float64)) / np.sqrt(n)
+
+
+def hadamard(x, small=None, transpose=False):  # (..., n) -> (..., n)
+    """The explicit product y = x M^T (x M when transpose) with the dense M of hadamard_dense,
+    in float64, rounded once to x.dtype (float32 small like the kernel's: pass the same S)."""
+    m = hadamard_dense(x.shape[-1], small)
+    y = x.astype(np.float64) @ (m if transpose else m.T)
+    return y.astype(x.dtype)
+
+
+def hadamard_quantize(x, scale, bits=8, small=None, transpose=False):
+    return quantize(hadamard(x, small, transpose), scale, bits)
+
+
+def hadamard_fake_quant(x, scale, bits=8, small=None, transpose=False):
+    return fake_quant(hadamard(x, small, transpose), scale, bits)
 
 
 # ---------------------------------------------------------------- INT8 GEMM
