@@ -244,7 +244,11 @@ static void transform_row(const hd_job *J, const float *x, float *t, float *y) {
     if (J->m == 1) {
         if (y != x) memcpy(y, x, (size_t)J->n * sizeof(float));
         J->fwht(y, J->n, J->p);
-        for (int64_t i = 0; i < J->n; i++) y[i] = y[i] * J->inv;
+        const float s0 = J->s[0]; /* as in the m-sum: (S[0, 0] t[b]) * inv */
+        for (int64_t i = 0; i < J->n; i++) {
+            float v = s0 * y[i];
+            y[i] = v * J->inv;
+        }
         return;
     }
     memcpy(t, x, (size_t)J->n * sizeof(float));

@@ -245,6 +245,93 @@ static void test_fold_quant_weight(void) {
     free(x); free(f); free(q);
 }
 
+/* Hadamard: against a naive double loop over the explicit kron(S, H_p) with a generic S, within
+ * the worst-case float32 budget (depth-k butterfly tree + m-term sum + the 1/sqrt(n) multiply and
+ * its rounding: (k + m + 1) u sum_j |H_ij x_j| / sqrt(n), u = 2^-24); every tier bit-identical to
+ * the scalar one, in place = out of place, fused quantize/fake_quant = the two kernels in turn. */
+static int popcount64(int64_t v) { return __builtin_popcountll((unsigned long long)v); }
+
+static void hadamard_case(int64_t m, int64_t p, int64_t rows, int transpose) {
+    int64_t n = m * p, k = 0;
+    while ((1LL << k) < p) k++;
+    float *s = malloc(sizeof(float) * (size_t)(m * m)), *x = malloc(sizeof(float) * (size_t)(rows * n));
+    float *y0 = malloc(sizeof(float) * (size_t)(rows * n)), *y = malloc(sizeof(float) * (size_t)(rows * n));
+    for (int64_t i = 0; i < m * m; i++) s[i] = frand(-1.5f, 1.5f);
+    for (int64_t i = 0; i < rows * n; i++) x[i] = frand(-4, 4);
+    sasq_set_isa(SASQ_ISA_SCALAR);
+    CHECK(sasq_hadamard(x, rows, n, s, m, transpose, y0) == SASQ_OK, "hadamard status");
+    int bad = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) {
+            double acc = 0, mag = 0;
+            for (int64_t j = 0; j < n; j++) {
+                int64_t a = i / p, b = i % p, a2 = j / p, b2 = j % p;
+                double sij = transpose ? s[a2 * m + a] : s[a * m + a2]; /* H^T[j][i] = H[i][j] */
+                double h = sij * ((popcount64(b & b2) & 1) ? -1.0 : 1.0);
+                acc += h * x[r * n + j];
+                mag += fabs(h * x[r * n + j]);
+            }
+            double inv = 1.0 / sqrt((double)n), budget = (double)(k + m + 1) * 0x1p-24 * mag * inv;
+            if (!(fabs(y0[r * n + i] - acc * inv) <= budget * 1.01 + 1e-30)) bad++;
+        }
+    CHECK(bad == 0, "hadamard m=%lld p=%lld rows=%lld T=%d: %d outside the budget", (long long)m,
+          (long long)p, (long long)rows, transpose, bad);
+    for (int isa = SASQ_ISA_AVX2; isa <= SASQ_ISA_AVX512VNNI; isa++) {
+        if (sasq_set_isa((sasq_isa)isa) != 0) continue;
+        CHECK(sasq_hadamard(x, rows, n, s, m, transpose, y) == SASQ_OK, "hadamard status");
+        CHECK(memcmp(y, y0, sizeof(float) * (size_t)(rows * n)) == 0,
+              "hadamard isa %d m=%lld p=%lld T=%d differs from scalar", isa, (long long)m,
+              (long long)p, transpose);
+        memcpy(y, x, sizeof(float) * (size_t)(rows * n));
+        CHECK(sasq_hadamard(y, rows, n, s, m, transpose, y) == SASQ_OK, "in place status");
+        CHECK(memcmp(y, y0, sizeof(float) * (size_t)(rows * n)) == 0, "in place differs");
+    }
+    free(s); free(x); free(y0); free(y);
+}
+
+static void test_hadamard(void) {
+    const int64_t cases[][2] = {{1, 1}, {1, 2}, {1, 8}, {1, 64}, {12, 1}, {12, 2}, {3, 4},
+                                {5, 8}, {12, 16}, {7, 32}, {4, 64}, {3, 256}, {1, 512}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++)
+        for (int64_t rows = 1; rows <= 3; rows += 2)
+            for (int tr = 0; tr <= 1; tr++) hadamard_case(cases[c][0], cases[c][1], rows, tr);
+    sasq_set_isa(sasq_isa_best());
+
+    /* the inverse: H (+-1, Paley I of order 4: S = I + [[0,1,1,1],[-1,0,1,-1],[-1,-1,0,1],
+     * [-1,1,-1,0]]) then H^T gives x back */
+    const float h4[16] = {1, 1, 1, 1, -1, 1, 1, -1, -1, -1, 1, 1, -1, 1, -1, 1};
+    enum { R = 100, N = 4 * 256 };
+    float *x = malloc(sizeof(float) * R * N), *y = malloc(sizeof(float) * R * N);
+    float *z = malloc(sizeof(float) * R * N), *f1 = malloc(sizeof(float) * R * N);
+    int8_t *q1 = malloc(R * N), *q2 = malloc(R * N);
+    for (int i = 0; i < R * N; i++) x[i] = frand(-3, 3);
+    CHECK(sasq_hadamard(x, R, N, h4, 4, 0, y) == SASQ_OK && sasq_hadamard(y, R, N, h4, 4, 1, z) == SASQ_OK, "inv");
+    float worst = 0;
+    for (int i = 0; i < R * N; i++) worst = fmaxf(worst, fabsf(z[i] - x[i]));
+    CHECK(worst < 1e-5f, "H then H^T: max error %g", worst);
+    /* fixed row chunks: 1 and 3 threads give the same bits (R * N spans several chunks) */
+    sasq_set_num_threads(3);
+    CHECK(sasq_hadamard(x, R, N, h4, 4, 0, z) == SASQ_OK, "3 threads");
+    CHECK(memcmp(y, z, sizeof(float) * R * N) == 0, "hadamard differs with threads");
+    /* fused = quantize(hadamard(x)), fake_quant(hadamard(x)); x untouched */
+    float sc = 0.02f, keep = x[5];
+    CHECK(sasq_hadamard_quantize(x, R, N, h4, 4, 0, &sc, 0, 8, q1) == SASQ_OK, "hq status");
+    CHECK(sasq_quantize(y, &sc, 0, R, N, 8, q2) == SASQ_OK && memcmp(q1, q2, R * N) == 0, "hq != q(h)");
+    CHECK(sasq_hadamard_fake_quant(x, R, N, h4, 4, 0, &sc, 0, 4, f1) == SASQ_OK, "hfq status");
+    sasq_fake_quant(y, &sc, 0, R, N, 4, z);
+    CHECK(memcmp(f1, z, sizeof(float) * R * N) == 0 && x[5] == keep, "hfq != fq(h)");
+    sasq_set_num_threads(1);
+    x[R * N - 1] = NAN; /* the last row's outputs all become NaN: refused */
+    CHECK(sasq_hadamard_quantize(x, R, N, h4, 4, 0, &sc, 0, 8, q1) == SASQ_ERR_NONFINITE, "hq NaN");
+    float big = 1e37f;
+    f1[0] = -7;
+    CHECK(sasq_hadamard_fake_quant(x, R, N, h4, 4, 0, &big, 0, 8, f1) == SASQ_ERR_ARG && f1[0] == -7,
+          "hfq s * qmax = inf must be refused before writing");
+    CHECK(sasq_hadamard(x, 1, 36, h4, 4, 0, y) == SASQ_ERR_ARG, "n = 4 * 9: not m * 2^k");
+    CHECK(sasq_hadamard(x, 1, 6, h4, 4, 0, y) == SASQ_ERR_ARG, "n not a multiple of m");
+    free(x); free(y); free(z); free(f1); free(q1); free(q2);
+}
+
 int main(void) {
     test_fold_quant_weight();
     test_quantize();
@@ -253,6 +340,7 @@ int main(void) {
     test_overflow_refused();
     test_truncate_backward_far_tail();
     test_chunked();
+    test_hadamard();
     test_gemm();
     printf("test_kernels: %d checks, %d failures\n", checks, failures);
     return failures ? 1 : 0;
