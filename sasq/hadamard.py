@@ -10,8 +10,8 @@ Constructions here (exact integers, int8):
 Both Paley constructions use the quadratic character chi of GF(q) (chi(0) = 0, chi(x) = 1 for a
 nonzero square, -1 otherwise) through the Jacobsthal matrix Q[i, j] = chi(x_i - x_j). For q = p^e,
 e > 1 (27 = 3^3, 343 = 7^3, ...) the field is GF(p)[t] / f(t), f the first monic irreducible
-polynomial of degree e found by search. Paley matrices are not symmetric (Paley I: H + H^T = 2 I),
-so a transform and its inverse differ: see sasq.ops.hadamard's `transpose`.
+polynomial of degree e found by search. Paley I matrices are not symmetric (H + H^T = 2 I), so a
+transform and its inverse differ (sasq.ops.hadamard's `transpose`); Sylvester and Paley II are.
 
 Layout shared with sasq.ops.hadamard, sasq.reference.hadamard and csrc/hadamard.c: for
 n = m * p, p = 2^k, the element index is i = a * p + b (a < m, b < p) and

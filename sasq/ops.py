@@ -257,7 +257,7 @@ def hadamard(x: np.ndarray, small=None, transpose: bool = False, out: np.ndarray
     is the same M, dense. A given `small` may be any real (m, m) array (cast to float32) with
     n = m * 2^k; M is orthonormal when S S^T = m I.
 
-    transpose=True applies M instead of M^T: y = x M. Paley factors are not symmetric, so this is
+    transpose=True applies M instead of M^T: y = x M. Paley I factors are not symmetric, so this is
     the inverse, hadamard(hadamard(x), transpose=True) == x up to rounding, and the backward:
     forward y = hadamard(x) (y = x M^T) has dx = dy M = hadamard(dy, transpose=True); forward
     y = hadamard(x, transpose=True) has dx = hadamard(dy).
