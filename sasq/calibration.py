@@ -172,7 +172,9 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
 def _calibrate_sinks(qmodel, sink_absmax: dict) -> None:
     """Sink scale of position p = max over windows and channels of |x_p| in the domain the
     site's input arrives in (divided by its fold), / qmax: a sink is one consistent massive
-    value, so no window's sink may be clipped."""
+    value, so no window's sink may be clipped. Never below the body's grid there (1 on a folded
+    grid, the body scale per tensor): a position without a massive value is then rounded as the
+    body would round it, and a handful of calibration windows cannot make it clip more."""
     folds = qmodel.folds  # the body scales just set
     for s in qmodel.site_list():
         if s.sink_key is None:
@@ -181,6 +183,7 @@ def _calibrate_sinks(qmodel, sink_absmax: dict) -> None:
         div = qmodel.arriving_divisor(s, folds)
         if div is not None:
             a = a / div
-        v = np.ones(s.sink, dtype=np.float64)
-        v[: a.shape[0]] = np.maximum(a.max(axis=1) / s.qmax, MIN_SCALE)
+        floor = 1.0 if s.folded else float(np.max(s.value(s.scale_key)))
+        v = np.full(s.sink, floor, dtype=np.float64)
+        v[: a.shape[0]] = np.maximum(a.max(axis=1) / s.qmax, floor)
         s.set_value(s.sink_key, v)

@@ -23,8 +23,10 @@ import numpy as np
 from sasq import datafree
 from sasq.atomic import atomic_write
 from sasq.data import check_seqlen, cut_windows, read_text, split_stream, tokenize_corpus
-from sasq.methods import (BITLESS, DEFAULT_BITS, METHOD_LABELS, METHODS, TRAINED, describe,
-                          make_plan, parse_bits)
+from sasq.eval import Reference
+from sasq.methods import (BITLESS, DEFAULT_BITS, METHOD_LABELS, METHODS, TRAINED, describe, method,
+                          parse_bits)
+from sasq.start import choose_start
 from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key
 
 OWN_DOMAIN = "own-domain (FP32 samples)"
@@ -49,7 +51,7 @@ class ExperimentConfig:
     schedule: str = "cosine"
     calib_windows: int = 16
     val_fraction: float = 0.1
-    val_windows: int = 4
+    val_windows: int = 8  # held-out windows: early stopping and the choice of the SASQ start
     evals_during_training: int = 4  # held-out evaluations per training run (early stopping)
     eval_windows: int | None = None  # cap on eval-text windows (None = all)
     own_windows: int = 32  # own-domain evaluation windows
@@ -133,9 +135,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     bits = [b.upper() for b in cfg.bits]
     for b in bits:
         parse_bits(b)
-    for m in cfg.methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for key in cfg.methods:
+        method(key)  # ValueError naming the known methods
     for o in cfg.objectives:
         if o not in ("ce", "kl"):
             raise ValueError(f"objective must be ce or kl, got {o!r}")
@@ -161,25 +162,35 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     }
     results = Results(out, meta)
 
-    def ppl(qm, name):
-        r = sasq.perplexity(qm, evals[name], seqlen, batch_size=EVAL_BATCH,
-                            max_windows=cfg.eval_windows if name != OWN_DOMAIN else None,
-                            progress=cfg.progress)
-        return r
+    # ---- FP32 references (hidden states of every eval window, and of the held-out windows that
+    # choose SASQ's start), computed once and kept in the run folder
+    refs = {}
+    for k, name in enumerate(eval_names):
+        cap = cfg.eval_windows if name != OWN_DOMAIN else None
+        refs[name] = Reference.compute(model, evals[name], seqlen, cap, EVAL_BATCH, cfg.progress,
+                                       path=out / f"reference_{k}.npz")
+    heldout = None
+    if data.val_ids is not None:
+        heldout = Reference.compute(model, cut_windows(data.val_ids, seqlen), seqlen, cfg.val_windows,
+                                    EVAL_BATCH, cfg.progress, path=out / "reference_heldout.npz")
 
-    # ---- FP32 reference, always first
+    def score(qm, name):
+        return sasq.perplexity(qm, refs[name].windows, seqlen, batch_size=EVAL_BATCH,
+                               progress=cfg.progress, reference=refs[name])
+
     fp32 = results.meta.get("fp32", {})
     for name in eval_names:
         if name not in fp32:
             t0 = time.perf_counter()
-            r = ppl(model, name)
+            r = score(model, name)
             fp32[name] = {"ppl": float(r.ppl), "nll": float(r.nll), "n_windows": int(r.n_windows),
+                          "available_windows": int(len(evals[name]) // seqlen),
                           "seconds": time.perf_counter() - t0}
             log(f"FP32 on {name}: PPL {r.ppl:.3f} ({r.n_windows} windows x {seqlen})")
     results.meta["fp32"] = fp32
     results.meta["evals"] = eval_names
     if "fp32" in cfg.methods:
-        results.add([_row("fp32", "-", "-", None, name, fp32[name]["ppl"], fp32[name]["ppl"],
+        results.add([_row("fp32", "-", "-", None, name, fp32[name]["ppl"], fp32[name]["ppl"], 0.0, 1.0,
                           fp32[name]["n_windows"], "-", {}, None) for name in eval_names])
     results.save()
 
@@ -187,52 +198,61 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     # Bit-config major order: an interrupted run has whole bit configs (all methods side by side).
     cells = []
     for b in ["-"] + bits:
-        for method in cfg.methods:
-            if method == "fp32" or (method in BITLESS) != (b == "-"):
+        for key in cfg.methods:
+            if key == "fp32" or (key in BITLESS) != (b == "-"):
                 continue
-            for o in (list(cfg.objectives) if method in TRAINED else ["-"]):
-                cells.append((method, b, o))
+            for o in (list(cfg.objectives) if key in TRAINED else ["-"]):
+                cells.append((key, b, o))
     ckpt_dir = out / "checkpoints"
-    for i, (method, b, obj) in enumerate(cells):
-        if results.has_cell(method, b, obj, eval_names):
-            log(f"[{i + 1}/{len(cells)}] {method} {b} {obj}: already in {results.json_path.name}, skipped")
+    for i, (key, b, obj) in enumerate(cells):
+        if results.has_cell(key, b, obj, eval_names):
+            log(f"[{i + 1}/{len(cells)}] {key} {b} {obj}: already in {results.json_path.name}, skipped")
             continue
+        m = method(key)
         w_bits, a_bits = parse_bits(b) if b != "-" else (None, None)
-        plan = make_plan(method, w_bits, a_bits)
+        plan = m.plan(w_bits, a_bits)
         t0 = time.perf_counter()
         qm = sasq.quantize(model, plan)
-        if plan.mode == "static":
-            sasq.calibrate(qm, data.calib, seqlen=seqlen, progress=cfg.progress)
-        train_info = {}
-        if method in TRAINED:
-            ck = ckpt_dir / (cell_key(method, b, obj).replace("|", "_") + ".npz")
+        info = {}
+        if m.calibrate == "best":
+            if heldout is None:
+                raise ValueError("choosing SASQ's start needs held-out windows (val_fraction > 0)")
+            start = choose_start(qm, data.calib, heldout, progress=cfg.progress, log=log)
+            info.update(start=start["chosen"], start_kl=start["kl"])
+        elif m.calibrate is not None:
+            sasq.calibrate(qm, data.calib, seqlen=seqlen, method=m.calibrate, progress=cfg.progress)
+        if m.train:
+            ck = ckpt_dir / (cell_key(key, b, obj).replace("|", "_") + ".npz")
             tr = train_scales(qm, data.train_ids, steps=cfg.steps, lr=cfg.lr, seqlen=seqlen, batch=cfg.batch,
                               objective=obj, schedule=cfg.schedule, val_ids=data.val_ids,
                               val_windows=cfg.val_windows, checkpoint=ck, resume=True, seed=cfg.seed,
                               eval_every=max(1, cfg.steps // max(1, cfg.evals_during_training)),
                               progress=cfg.progress)
-            train_info = {"train_steps": tr.steps, "initial_val": tr.initial_val, "best_val": tr.best_val,
-                          "best_step": tr.best_step, "final_train_loss": tr.final_loss,
-                          "seconds_per_step": tr.seconds_per_step}
+            info.update(train_steps=tr.steps, initial_val=tr.initial_val, best_val=tr.best_val,
+                        best_step=tr.best_step, final_train_loss=tr.final_loss,
+                        seconds_per_step=tr.seconds_per_step,
+                        history=[[h["step"], h["loss"]] for h in tr.history],
+                        val_history=[[h["step"], h["val"]] for h in tr.val_history])
         prep = time.perf_counter() - t0
         rows = []
         for name in eval_names:
-            r = ppl(qm, name)
-            rows.append(_row(method, b, obj, plan, name, float(r.ppl), fp32[name]["ppl"], int(r.n_windows),
-                             trained_on if method in TRAINED else
-                             (f"calib: {trained_on}" if plan.mode == "static" else "-"),
-                             train_info, prep))
+            r = score(qm, name)
+            rows.append(_row(key, b, obj, plan, name, float(r.ppl), fp32[name]["ppl"], r.kl, r.top1,
+                             int(r.n_windows),
+                             trained_on if m.train else
+                             (f"calib: {trained_on}" if m.calibrate else "-"), info, prep))
         results.add(rows)
-        summary = ", ".join(f"{r['eval']}: {_fmt_ppl(r['ppl'])}" for r in rows)
-        log(f"[{i + 1}/{len(cells)}] {METHOD_LABELS[method]} {b} {obj}: {summary} "
+        summary = ", ".join(f"{r['eval']}: PPL {_fmt_ppl(r['ppl'])} KL {r['kl']:.4f} top-1 "
+                            f"{100 * r['top1']:.1f}%" for r in rows)
+        log(f"[{i + 1}/{len(cells)}] {METHOD_LABELS[key]} {b} {obj}: {summary} "
             f"({time.perf_counter() - t0:.0f} s)")
     return {"version": RESULTS_VERSION, "meta": results.meta, "rows": results.rows,
             "dir": str(out)}
 
 
-def _row(method, bits, objective, plan, eval_name, ppl, fp32_ppl, n_windows, trained_on, train_info, prep_s):
-    d = describe(method, plan)
-    return {"method": method, "label": METHOD_LABELS[method], "bits": bits, "objective": objective,
-            **d, "trained_on": trained_on, "eval": eval_name, "ppl": ppl,
-            "delta": (ppl / fp32_ppl - 1.0) if method != "fp32" else None,
-            "n_windows": n_windows, "prep_seconds": prep_s, **train_info}
+def _row(key, bits, objective, plan, eval_name, ppl, fp32_ppl, kl, top1, n_windows, trained_on,
+         info, prep_s):
+    return {"method": key, "label": METHOD_LABELS[key], "bits": bits, "objective": objective,
+            **describe(key, plan), "trained_on": trained_on, "eval": eval_name, "ppl": ppl,
+            "delta": (ppl / fp32_ppl - 1.0) if key != "fp32" else None, "kl": kl, "top1": top1,
+            "n_windows": n_windows, "prep_seconds": prep_s, **info}

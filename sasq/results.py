@@ -85,78 +85,103 @@ def _fmt_ppl(x):
     return f"{x:.2f}" if x < 1e4 else f"{x:.3g}"
 
 
-def render_markdown(doc: dict) -> str:
-    """One line per (method, bits, objective); the eval sets side by side."""
-    meta, rows = doc["meta"], doc["rows"]
-    evals = meta.get("evals", sorted({r["eval"] for r in rows}))
-    fp32 = meta.get("fp32", {})
-    lines = [f"# sasq results: {meta.get('model_name', '?')}", ""]
-    lines.append(f"- scales trained/calibrated on: **{meta.get('trained_on', '?')}**; "
-                 f"steps {meta.get('identity', {}).get('steps')}, lr {meta.get('identity', {}).get('lr')}, "
-                 f"batch {meta.get('identity', {}).get('batch')} x seqlen {meta.get('seqlen')}")
-    for e in evals:
-        f = fp32.get(e, {})
-        lines.append(f"- eval **{e}**: FP32 PPL {_fmt_ppl(f.get('ppl'))}, "
-                     f"{f.get('n_windows', '?')} windows x {meta.get('seqlen')} tokens")
-    lines.append("- delta = PPL / FP32 PPL - 1 on the same eval set; 'form' says whether a per-channel "
-                 "number is deployable (folded) or not")
-    lines.append("")
-    head = ["method", "W/A", "granularity", "form", "static/dynamic", "objective", "trained on"]
-    for e in evals:
-        head += [f"PPL {e}", "delta"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    cells: dict = {}
-    order = []
+def _fmt_kl(x):
+    return "-" if x is None else (f"{x:.4f}" if x < 10 else f"{x:.3g}")
+
+
+def _fmt_top1(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _windows_note(f: dict, seqlen) -> str:
+    n, avail = f.get("n_windows", "?"), f.get("available_windows")
+    capped = f" (first {n} of {avail}: capped)" if avail and avail != n else ""
+    return f"{n} windows x {seqlen} tokens{capped}"
+
+
+def _lines(rows, meta):
+    """Group rows into table lines: (method, bits, objective, training split) -> {eval: row},
+    in catalogue and bit-config order."""
+    cells, order = {}, []
     for r in rows:  # the training split is part of a line's identity (merged tables)
-        k = cell_key(r["method"], r["bits"], r["objective"]) + "|" + str(r.get("trained_on"))
+        k = (r["method"], r["bits"], r["objective"], str(r.get("trained_on")))
         if k not in cells:
             cells[k] = {}
             order.append(k)
         cells[k][r["eval"]] = r
     method_rank = {m: i for i, m in enumerate(METHODS)}
     bits_rank = {b: i for i, b in enumerate(meta.get("bits", []))}
-    order.sort(key=lambda k: (bits_rank.get(k.split("|")[1], -1), method_rank.get(k.split("|")[0], 99),
-                              k.split("|")[2], k.split("|", 3)[3]))
-    for k in order:
-        c = cells[k]
+    order.sort(key=lambda k: (bits_rank.get(k[1], -1), method_rank.get(k[0], 99), k[2], k[3]))
+    return [(k, cells[k]) for k in order]
+
+
+def render_markdown(doc: dict) -> str:
+    """One line per (method, bits, objective); per eval set PPL, delta, KL to FP32, top-1."""
+    meta, rows = doc["meta"], doc["rows"]
+    evals = meta.get("evals", sorted({r["eval"] for r in rows}))
+    fp32 = meta.get("fp32", {})
+    ident = meta.get("identity", {})
+    lines = [f"# sasq results: {meta.get('model_name', '?')}", ""]
+    lines.append(f"- scales trained/calibrated on: **{meta.get('trained_on', '?')}**; "
+                 f"steps {ident.get('steps')}, lr {ident.get('lr')}, "
+                 f"batch {ident.get('batch')} x seqlen {meta.get('seqlen')}")
+    for e in evals:
+        f = fp32.get(e, {})
+        lines.append(f"- eval **{e}**: FP32 PPL {_fmt_ppl(f.get('ppl'))}, "
+                     f"{_windows_note(f, meta.get('seqlen'))}")
+    lines.append("- delta = PPL / FP32 PPL - 1; KL = mean per-token KL(FP32 || model) and top-1 = "
+                 "agreement of the argmax with FP32, on the same windows (fidelity; a PPL below FP32 "
+                 "is domain fit); 'form' says whether a per-channel number is deployable (folded)")
+    lines.append("")
+    head = ["method", "W/A", "weights", "granularity", "form", "static/dynamic", "objective",
+            "trained on"]
+    for e in evals:
+        head += [f"PPL {e}", "delta", "KL", "top-1"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for _, c in _lines(rows, meta):
         r0 = next(iter(c.values()))
-        line = [METHOD_LABELS.get(r0["method"], r0["method"]), r0["bits"], r0["granularity"], r0["form"],
-                r0["mode"], r0["objective"], r0["trained_on"]]
+        line = [METHOD_LABELS.get(r0["method"], r0["method"]), r0["bits"], r0.get("weights", "-"),
+                r0["granularity"], r0["form"], r0["mode"], r0["objective"], r0["trained_on"]]
         for e in evals:
             r = c.get(e)
             if r is None:
-                line += ["", ""]
+                line += ["", "", "", ""]
             else:
                 d = r.get("delta")
-                line += [_fmt_ppl(r["ppl"]), "-" if d is None else f"{d * 100:+.1f}%"]
+                line += [_fmt_ppl(r["ppl"]), "-" if d is None else f"{d * 100:+.1f}%",
+                         _fmt_kl(r.get("kl")), _fmt_top1(r.get("top1"))]
         lines.append("| " + " | ".join(line) + " |")
-    lines.append("")
-    lines.append(f"## Compact view (cells: PPL on {' / '.join(evals)})")
     lines.append("")
     lines.append(render_compact(doc))
     return "\n".join(lines)
 
 
 def render_compact(doc: dict) -> str:
-    """Pivot: one line per (method, objective, training split), one column per bit config,
-    each cell "PPL eval-1 / PPL eval-2 / ..." in the order of meta["evals"]."""
+    """Per eval set, a pivot: one line per (method, objective, training split), one column per
+    bit config, each cell "PPL / KL / top-1"."""
     meta, rows = doc["meta"], doc["rows"]
     evals = meta.get("evals", sorted({r["eval"] for r in rows}))
     bits = list(meta.get("bits", []))
     if any(r["bits"] == "-" for r in rows):
         bits = ["-"] + bits
-    lines_ = {}
-    for r in rows:
-        k = (r["method"], r["objective"], r["trained_on"])
-        lines_.setdefault(k, {}).setdefault(r["bits"], {})[r["eval"]] = r["ppl"]
     rank = {m: i for i, m in enumerate(METHODS)}
-    out = ["| method | obj | trained on | " + " | ".join("no quant" if b == "-" else b for b in bits) + " |",
-           "|" + "---|" * (3 + len(bits))]
-    for k in sorted(lines_, key=lambda k: (rank.get(k[0], 99), k[1], k[2])):
-        cells = []
-        for b in bits:
-            c = lines_[k].get(b)
-            cells.append("" if c is None else " / ".join(_fmt_ppl(c.get(e)) for e in evals))
-        out.append(f"| {METHOD_LABELS.get(k[0], k[0])} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
+    out = []
+    for e in evals:
+        lines_ = {}
+        for r in rows:
+            if r["eval"] == e:
+                lines_.setdefault((r["method"], r["objective"], r["trained_on"]), {})[r["bits"]] = r
+        out += [f"## {e}: PPL / KL to FP32 / top-1 agreement", "",
+                "| method | obj | trained on | " + " | ".join("no quant" if b == "-" else b
+                                                           for b in bits) + " |",
+                "|" + "---|" * (3 + len(bits))]
+        for k in sorted(lines_, key=lambda k: (rank.get(k[0], 99), k[1], k[2])):
+            cells = []
+            for b in bits:
+                r = lines_[k].get(b)
+                cells.append("" if r is None else f"{_fmt_ppl(r['ppl'])} / {_fmt_kl(r.get('kl'))} / "
+                                                  f"{_fmt_top1(r.get('top1'))}")
+            out.append(f"| {METHOD_LABELS.get(k[0], k[0])} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -19,7 +19,8 @@ def _meta(**identity):
 def _row(method, bits, obj, ev, ppl):
     return {"method": method, "label": method, "bits": bits, "objective": obj, "granularity": "channel",
             "form": "folded", "mode": "static", "trained_on": "valid.txt", "eval": ev, "ppl": ppl,
-            "delta": ppl / (10.0 if ev == "test.txt" else 4.0) - 1, "n_windows": 5}
+            "delta": ppl / (10.0 if ev == "test.txt" else 4.0) - 1, "n_windows": 5,
+            "kl": 0.05 if ev == "test.txt" else 0.125, "top1": 0.9}
 
 
 def test_parse_bits():
@@ -45,9 +46,11 @@ def test_results_round_trip_resume_and_markdown(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md == render_markdown(doc)
     line = next(l for l in md.splitlines() if l.startswith("| SASQ hard clamp"))
-    assert "12.50" in line and "+25.0%" in line and "4.40" in line and "+10.0%" in line
+    for want in ("12.50 | +25.0% | 0.0500 | 90.0%", "4.40 | +10.0% | 0.1250 | 90.0%"):
+        assert want in line, line
     assert "FP32 PPL 10.00, 5 windows x 8 tokens" in md
-    assert "| SASQ hard clamp | ce | valid.txt | 12.50 / 4.40 |" in md  # the compact pivot
+    compact = md[md.index("## test.txt"):]  # the pivot per eval set: PPL / KL / top-1
+    assert "| SASQ hard clamp +sink | ce | valid.txt | 12.50 / 0.0500 / 90.0% |" in compact
 
 
 def test_corrupt_results_file_is_a_clear_error(tmp_path):

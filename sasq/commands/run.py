@@ -34,7 +34,7 @@ def add_arguments(p):
     p.add_argument("--own-windows", type=int, default=None,
                    help="own-domain evaluation windows sampled from FP32 (default 32; data-free 16; --quick 8)")
     p.add_argument("--datafree-windows", type=int, default=None,
-                   help="data-free training windows (default 128; data-free default run 64; --quick 24)")
+                   help="data-free training windows (default 128; data-free default run 64; --quick 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="results directory (default ./results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster configuration")
@@ -65,7 +65,7 @@ def config_from_args(args) -> ExperimentConfig:
         calib_windows=_pick(args.calib_windows, 16 if not data_free else 8, 4, quick),
         eval_windows=_pick(args.eval_windows, None, 16, quick),
         own_windows=_pick(args.own_windows, 32 if not data_free else 16, 8, quick),
-        datafree_windows=_pick(args.datafree_windows, 128 if not data_free else 64, 24, quick),
+        datafree_windows=_pick(args.datafree_windows, 128 if not data_free else 64, 48, quick),
         seed=args.seed,
         out=args.out or str(default_out_dir()),
         progress=not args.quiet,
