@@ -208,10 +208,22 @@ def fold_quantize_weight(w: np.ndarray, bits: int, col=None, row=None):
 # ---------------------------------------------------------------- Hadamard rotation
 
 _ONE = np.ones((1, 1), np.float32)
+# The default S is built only up to this order (11008 needs 344): the m-part costs m products per
+# element, and Paley's Jacobsthal matrix q * q memory, so a stray last axis like 4 * 100003 is
+# refused instead of building a 100004 x 100004 matrix. A larger `small` may still be passed.
+MAX_DEFAULT_ORDER = 2048
 
 
-@functools.lru_cache(maxsize=32)
-def _default_small(m: int) -> np.ndarray:
+@functools.lru_cache(maxsize=64)
+def _default_small(n: int) -> np.ndarray:
+    """S of the smallest m for a last axis of n (cached per n: a decode step pays no lookup)."""
+    try:
+        m, _ = hadamard_mod.hadamard_factors(n)
+    except ValueError as e:
+        raise ValueError(f"x: its last axis has no Hadamard transform here ({e})") from None
+    if m > MAX_DEFAULT_ORDER:
+        raise ValueError(f"x: its last axis n = {n} = {m} * 2^k needs a Hadamard matrix of order "
+                         f"{m} > {MAX_DEFAULT_ORDER} (MAX_DEFAULT_ORDER); pass small= to use one")
     s = hadamard_mod.small_hadamard(m).astype(np.float32)  # +-1: exact in float32
     s.flags.writeable = False
     return s
@@ -223,11 +235,7 @@ def _small(x, small) -> np.ndarray:
     if small is None:
         if not (isinstance(x, np.ndarray) and x.ndim >= 1 and x.shape[-1] > 0):
             return _ONE  # x itself is wrong: the C checks name it
-        try:
-            m, _ = hadamard_mod.hadamard_factors(x.shape[-1])
-        except ValueError as e:
-            raise ValueError(f"x: its last axis has no Hadamard transform here ({e})") from None
-        return _default_small(m)
+        return _default_small(int(x.shape[-1]))
     if isinstance(small, (str, bytes, bool, np.bool_)):
         raise TypeError(f"small must be a real (m, m) array, got {type(small).__name__}")
     try:

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sasq import hadamard as H
 from sasq import ops
@@ -365,6 +366,8 @@ def test_bad_arguments_name_the_argument():
         ops.hadamard(np.zeros((), np.float32))
     with pytest.raises(ValueError, match="x: its last axis.*n = 92"):
         ops.hadamard(np.zeros((2, 92), np.float32))
+    with pytest.raises(ValueError, match="x: its last axis n = 100004 = 100004 \\* 2\\^k"):
+        ops.hadamard(np.zeros((1, 100004), np.float32))  # Paley I (q = 100003) but too large
     with pytest.raises(ValueError, match="small must be a square"):
         ops.hadamard(x, np.ones((3, 4)))
     with pytest.raises(ValueError, match="small must have at least 2"):
@@ -389,3 +392,47 @@ def test_bad_arguments_name_the_argument():
         ops.hadamard_quantize(x, 0.1, 9)
     with pytest.raises(TypeError, match="bits must be an int"):
         ops.hadamard_fake_quant(x, 0.1, 8.0)
+
+
+JUNK = st.one_of(
+    st.sampled_from([None, True, "a", b"x", 1 + 2j, object(), [], [1.0, 2.0], [[1.0], [1.0, 2.0]],
+                     float("nan"), float("inf"), -1.0, 0, 1e300, 3]),
+    st.integers(-2**70, 2**70),
+    st.sampled_from(["f2", "f4", "f8", "i1", "u1", "?", "c8", ">f4", "O"]).flatmap(
+        lambda dt: st.sampled_from([(), (0,), (1,), (3,), (4,), (2, 2), (3, 3), (2, 4), (0, 8),
+                                    (2, 12)]).map(lambda shape, dt=dt: np.ones(shape, dt))),
+    st.just(np.ones((4, 24), np.float32)[:, ::2]),  # non-contiguous
+)
+SIGNATURES = {"hadamard": ("x", "small", "transpose"),
+              "hadamard_quantize": ("x", "scale", "bits", "small", "transpose"),
+              "hadamard_fake_quant": ("x", "scale", "bits", "small", "transpose")}
+GOOD = {"x": rows_of(24, 3, 12), "small": H.small_hadamard(12), "transpose": True,
+        "scale": np.float32(0.05), "bits": 8}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(fn=st.sampled_from(sorted(SIGNATURES)), which=st.integers(0, 4), junk=JUNK)
+def test_fuzz_bad_arguments_raise_named_errors(fn, which, junk):
+    """One argument replaced by junk: the call succeeds or raises TypeError/ValueError naming
+    that argument (a wrong kind of object is always a TypeError); nothing else escapes."""
+    params = SIGNATURES[fn]
+    bad = params[which % len(params)]
+    kw = {p: GOOD[p] for p in params}
+    kw[bad] = junk
+    wrong_kind = isinstance(junk, (bool, bytes, complex, str, type(None))) or type(junk) is object
+    if bad == "transpose":
+        wrong_kind = not isinstance(junk, (bool, np.bool_))
+    if bad == "small" and junk is None:  # the default construction
+        wrong_kind = False
+    try:
+        if fn == "hadamard":
+            ops.hadamard(*[kw[p] for p in params])
+        else:  # small and transpose are keyword-only
+            getattr(ops, fn)(*[kw[p] for p in params[:-2]], small=kw["small"],
+                             transpose=kw["transpose"])
+    except (TypeError, ValueError) as e:
+        assert bad in str(e), (fn, bad, str(e))
+        assert not wrong_kind or isinstance(e, TypeError), (fn, bad, junk, e)
+        return
+    assert not wrong_kind, (fn, bad, junk)
