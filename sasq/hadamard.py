@@ -177,7 +177,7 @@ def paley2(q: int) -> np.ndarray:
 
 
 def kron(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """kron(a, b): a Hadamard matrix of order len(a) * len(b) when both are (index a_i * len(b) + b_i)."""
+    """kron(a, b): Hadamard of order len(a) * len(b) when a and b are; index i = i_a * len(b) + i_b."""
     return np.kron(a, b)
 
 
