@@ -30,6 +30,16 @@ import numpy as np
 from sasq import layers as L
 from sasq.sampling import sample_rows
 
+
+def online_hadamard(d):
+    from sasq.rotate import online_hadamard as f
+    return f(d)
+
+
+def online_hadamard_backward(g):
+    from sasq.rotate import online_hadamard_backward as f
+    return f(g)
+
 SITES = ("attn_in", "k_cache", "v_cache", "o_in", "mlp_in", "down_in", "head_in")
 LAYER_SITES = SITES[:-1]
 
@@ -358,13 +368,17 @@ class Tape:
 class LlamaModel:
     """Frozen LLaMA weights plus forward, backward and generation."""
 
-    def __init__(self, config: LlamaConfig, embed_tokens, layers, norm, lm_head, tokenizer=None):
+    def __init__(self, config: LlamaConfig, embed_tokens, layers, norm, lm_head, tokenizer=None,
+                 online_down: bool = False):
         self.config = config
         self.embed_tokens = embed_tokens  # (V, C)
         self.layers: list[LayerWeights] = list(layers)
         self.norm = norm  # (C,)
         self.lm_head = lm_head  # (V, C); the same array as embed_tokens when tied
         self.tokenizer = tokenizer
+        # A rotated model (sasq.rotate) applies an orthonormal Hadamard to the SwiGLU output before
+        # the "down_in" site (its transpose is fused into down_proj): part of its function.
+        self.online_down = online_down
         self._rope = {}
 
     # ---------------------------------------------------------------- construction
@@ -409,12 +423,13 @@ class LlamaModel:
         embed = np.asarray(self.embed_tokens, dtype=dtype)
         lm_head = embed if self.lm_head is self.embed_tokens else np.asarray(self.lm_head, dtype)
         return LlamaModel(self.config, embed, [lw.astype(dtype) for lw in self.layers],
-                          np.asarray(self.norm, dtype=dtype), lm_head, self.tokenizer)
+                          np.asarray(self.norm, dtype=dtype), lm_head, self.tokenizer,
+                          self.online_down)
 
     def copy_with(self, **fields) -> "LlamaModel":
         """Shallow copy with some attributes replaced (config, embed_tokens, layers, norm,
-        lm_head, tokenizer)."""
-        allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer"}
+        lm_head, tokenizer, online_down)."""
+        allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer", "online_down"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"copy_with: unknown fields {sorted(bad)}")
@@ -504,6 +519,8 @@ class LlamaModel:
         d = L.swiglu_forward(gate, up)  # (B, T, I)
         if not keep:
             del gate, up
+        if self.online_down:
+            d = online_hadamard(d)  # d H^T (sasq.rotate); down_proj holds W H^T
         d = at("down_in", d)
         x_out = L.linear_forward(d, w.down_proj)
         del d
@@ -525,6 +542,8 @@ class LlamaModel:
         # MLP block (residual: dx flows to x_mid unchanged, plus the branch)
         dd = L.linear_backward(dx, w.down_proj)  # (B, T, I)
         dd = at("down_in", dd)
+        if self.online_down:
+            dd = online_hadamard_backward(dd)
         dgate, dup = L.swiglu_backward(dd, s["gate"], s["up"])
         del dd
         dh2 = L.linear_backward(dgate, w.gate_proj)  # (B, T, C)

@@ -130,6 +130,27 @@ def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = 
     return model.copy_with(**fields)
 
 
+def fold_norms(model, dtype=None):
+    """Every RMSNorm gain multiplied into the input columns of the linears that read the norm
+    (q/k/v, gate/up, lm_head); the norms keep only their normalization (gain 1). The result is
+    in `dtype` (default the model's). lm_head takes the final norm's gain, so tied embeddings
+    come out untied."""
+    dt = np.dtype(dtype or model.dtype)
+    layers = []
+    for lw in model.layers:
+        new = {n: np.asarray(getattr(lw, n), dtype=dt) for n in WEIGHT_NAMES}
+        for norm, site in NORM_FOLDS.items():
+            g = np.asarray(getattr(lw, norm), dtype=dt)
+            for n in CONSUMERS[site]:
+                new[n] = new[n] * g[None, :]
+            new[norm] = np.ones_like(g)
+        layers.append(type(lw)(**new))
+    g = np.asarray(model.norm, dtype=dt)
+    return model.copy_with(layers=layers, norm=np.ones_like(g),
+                           embed_tokens=np.asarray(model.embed_tokens, dtype=dt),
+                           lm_head=np.asarray(model.lm_head, dtype=dt) * g[None, :])
+
+
 def fold_scales(model, folds: dict):
     """The FP model with `folds` applied (no rounding): the same function up to float rounding."""
     return fake_quant_model(model, folds, None)

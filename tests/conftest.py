@@ -1,3 +1,4 @@
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,15 @@ def stories_dir(assets) -> Path:
 @pytest.fixture(scope="session")
 def wikitext_test(assets) -> Path:
     return assets / "wikitext-2" / "raw-v1" / "test.joined.txt"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(gguf path, converted HF dir) of SmolLM2-135M when benchmarks/assets.py cached it."""
+    spec = importlib.util.spec_from_file_location("sasq_bench_assets", ROOT / "benchmarks" / "assets.py")
+    a = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(a)
+    gguf, hf = a.smollm2_paths()
+    if not a.smollm2_available():
+        pytest.skip(f"SmolLM2 not cached at {gguf.parent}; run `python benchmarks/assets.py smollm2`")
+    return gguf, hf

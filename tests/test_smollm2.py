@@ -3,7 +3,6 @@
 Needs the file cached by `python benchmarks/assets.py smollm2` ($SASQ_CACHE or ~/.cache/sasq);
 every test here skips with that instruction otherwise.
 """
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +13,6 @@ pytestmark = pytest.mark.smollm2
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_ATOL = 2e-3      # float32 through 30 layers; logits reach |35|
 WINDOW = 128           # tokens per logits window (short: the CPU is shared)
-
-
-def _assets():
-    spec = importlib.util.spec_from_file_location("sasq_bench_assets", ROOT / "benchmarks" / "assets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    a = _assets()
-    gguf, hf = a.smollm2_paths()
-    if not a.smollm2_available():
-        pytest.skip(f"SmolLM2 not cached at {gguf.parent}; run `python benchmarks/assets.py smollm2`")
-    return gguf, hf
 
 
 @pytest.fixture(scope="module")

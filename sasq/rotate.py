@@ -1,0 +1,140 @@
+"""QuaRot-style rotation of a LlamaModel: a pure transform to a model computing the same function
+whose activations have no outlier channels.
+
+    rotated = sasq.rotate.rotate_model(model)            # same forward signature, same logits
+
+Steps (Ashkboos et al. 2024, QuaRot), with row-vector activations and y = x W^T:
+1. Fold every RMSNorm gain into the linears that read it (q/k/v, gate/up, lm_head columns); the
+   norms keep only their normalization (gain 1), which commutes with an orthogonal transform.
+   lm_head gets the final norm's gain, so tied embeddings are untied (said so in the result's
+   `rotation` record).
+2. R1, on the residual stream: x -> x Q with Q = D H^T (H the orthonormal Hadamard of the hidden
+   size, D = diag(random signs) when seeded, else I). Readers of the stream (q/k/v, gate/up,
+   lm_head, and embed_tokens which writes it) get W -> W Q; writers (o_proj, down_proj) get
+   W -> Q^T W. RMSNorm of a rotated vector is the rotated RMSNorm (gain 1), so nothing else moves.
+3. R2, per attention head on values: v_h -> v_h H_hd^T for every KV head (v_proj rows), and the
+   attention output of every query head the same way (o_proj columns). Attention mixes positions,
+   not channels, so the rotation passes through it.
+4. R4, online before down_proj: the model applies d -> d H_I^T to the SwiGLU output at run time
+   (LlamaModel.online_down, the C kernel sasq.ops.hadamard) and down_proj gets W -> W H_I^T, so
+   down_in sees rotated activations; the engine fuses it with the quantizer.
+Hadamard sizes that are not powers of two use Kronecker products (sasq.hadamard: 576 = 36 x 16,
+1536 = 12 x 128, 11008 = 344 x 32, ...). The weights are rotated in float64 and rounded once.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sasq import hadamard as had
+from sasq.transforms import fold_norms
+
+__all__ = ["rotate_model", "hadamard_rows", "online_hadamard", "online_hadamard_backward"]
+
+
+def hadamard_rows(x: np.ndarray, transpose: bool = False, signs: np.ndarray | None = None,
+                  head: int | None = None) -> np.ndarray:
+    """float64 y = (x * signs) M^T (x M with transpose) over the last axis, M the orthonormal
+    Hadamard of that size (sasq.hadamard layout); with `head`, per block of `head` channels.
+    Fast: Walsh-Hadamard butterflies for the 2^k part, a small matmul for the m part."""
+    y = np.array(x, dtype=np.float64)
+    if signs is not None:
+        y *= signs
+    n = head or y.shape[-1]
+    lead = y.shape
+    m, k = had.hadamard_factors(n)
+    p = 1 << k
+    z = y.reshape(-1, m, p)  # (rows, m, p): element a * p + b
+    h = 1
+    while h < p:  # butterflies: natural-order Sylvester (symmetric)
+        v = z.reshape(-1, m, p // (2 * h), 2, h)
+        a, b = v[:, :, :, 0, :].copy(), v[:, :, :, 1, :]
+        v[:, :, :, 0, :] += b
+        v[:, :, :, 1, :] = a - b
+        h *= 2
+    if m > 1:
+        s = had.small_hadamard(m).astype(np.float64)
+        z = np.einsum("ij,rjb->rib", s.T if transpose else s, z)
+    return (z / np.sqrt(n)).reshape(lead)
+
+
+def _cols(w, fn):
+    """Apply a row transform to the columns of w: (fn(w^T))^T."""
+    return np.ascontiguousarray(fn(np.ascontiguousarray(w.T)).T)
+
+
+def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool = True):
+    """The rotated model (see module docstring): R1 (randomized Hadamard with `seed`), R2 per head
+    (heads=True) and the online R4 before down_proj (online_down: True, False, or "auto" = when
+    a Hadamard of the intermediate size can be built; stories260K's 172 = 4 x 43 cannot). Pure:
+    `model` is never written; the result's `rotation` dict records what was done."""
+    if getattr(model, "online_down", False):
+        raise ValueError("model is already rotated (online_down is set)")
+    cfg = model.config
+    if online_down == "auto":
+        online_down = constructible(cfg.intermediate_size)
+    for n, what in ((cfg.hidden_size, "hidden size (R1)"), (cfg.head_dim, "head_dim (R2)"),
+                    (cfg.intermediate_size if online_down else 1, "intermediate size (R4)")):
+        if (what.endswith("(R2)") and not heads) or constructible(n):
+            continue
+        raise ValueError(f"no Hadamard of the {what} {n} can be built (sasq.hadamard)")
+    dt = model.dtype
+    m = fold_norms(model, np.float64)  # rotate in float64, round once at the end
+    signs = None if seed is None else had.random_signs(cfg.hidden_size, seed).astype(np.float64)
+    hd = cfg.head_dim
+
+    def read(w):  # W Q = (W D) H^T: readers of the residual stream
+        return hadamard_rows(w, signs=signs)
+
+    def write(w):  # Q^T W = H D W: writers into the residual stream (column transform)
+        return _cols(w, lambda a: hadamard_rows(a, signs=signs))
+
+    layers = []
+    for lw in m.layers:
+        new = {}
+        for name in ("q_proj", "k_proj", "gate_proj", "up_proj"):
+            new[name] = read(getattr(lw, name))
+        v = read(lw.v_proj)
+        o = write(lw.o_proj)
+        if heads:
+            # rows of each KV head's block of v_proj: W_vh -> H W_vh; o_proj columns of every
+            # query head: W_oh -> W_oh H^T
+            v = _cols(v, lambda a: hadamard_rows(a, head=hd))
+            o = hadamard_rows(o, head=hd)
+        new["v_proj"], new["o_proj"] = v, o
+        d = write(lw.down_proj)
+        new["down_proj"] = hadamard_rows(d) if online_down else d  # W H_I^T
+        new = {k: np.ascontiguousarray(a, dtype=dt) for k, a in new.items()}
+        layers.append(type(lw)(**new, input_layernorm=lw.input_layernorm.astype(dt),
+                               post_attention_layernorm=lw.post_attention_layernorm.astype(dt)))
+    out = m.copy_with(layers=layers, norm=m.norm.astype(dt),
+                      embed_tokens=np.ascontiguousarray(read(m.embed_tokens), dtype=dt),
+                      lm_head=np.ascontiguousarray(read(m.lm_head), dtype=dt),
+                      online_down=online_down)
+    out.rotation = {"r1": "randomized Hadamard" if seed is not None else "Hadamard", "seed": seed,
+                    "r2_per_head": heads, "r4_online_down": online_down,
+                    "untied": bool(cfg.tie_word_embeddings)}
+    return out
+
+
+def constructible(n: int) -> bool:
+    try:
+        had.hadamard_factors(n)
+        return True
+    except ValueError:
+        return False
+
+
+def online_hadamard(d: np.ndarray) -> np.ndarray:
+    """The run-time R4: d (..., I) -> d H_I^T (C kernel for float32, float64 twin otherwise)."""
+    if d.dtype == np.float32:
+        from sasq import ops
+        return ops.hadamard(np.ascontiguousarray(d))
+    return hadamard_rows(d).astype(d.dtype)
+
+
+def online_hadamard_backward(g: np.ndarray) -> np.ndarray:
+    """Gradient of online_hadamard: g H_I (the transpose; Paley I factors are not symmetric)."""
+    if g.dtype == np.float32:
+        from sasq import ops
+        return ops.hadamard(np.ascontiguousarray(g), transpose=True)
+    return hadamard_rows(g, transpose=True).astype(g.dtype)
