@@ -23,11 +23,11 @@ gains at 1.
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from sasq import grid, reference
 from sasq.data import as_token_ids, cut_windows
 from sasq.model import Observer
+from sasq.progress import bar
 from sasq.quant import QuantModel
 from sasq.sites import RHO_INIT, tie_columns, tie_expand
 from sasq.transforms import smoothquant_folds
@@ -74,8 +74,7 @@ class _Statistics(Observer):
 
 def _collect(qmodel, windows, targets, fn, batch_size, progress, desc) -> _Statistics:
     obs = _Statistics(targets, fn, qmodel.head_dim)
-    for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
-                  leave=False):
+    for i in bar(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
         qmodel.model.forward(windows[i:i + batch_size], hook=obs, return_hidden=True)
     return obs
 

@@ -51,9 +51,8 @@ def sample_windows(model, n_windows: int, seqlen: int, temperature: float = 1.0,
     out[:, 0] = bos_id
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n_windows * (seqlen - 1), desc="data-free sampling", leave=False,
-                   unit="tok", dynamic_ncols=True)
+        from sasq.progress import bar as progress_bar
+        bar = progress_bar(total=n_windows * (seqlen - 1), desc="data-free sampling", unit="tok")
     try:
         for b0 in range(0, n_windows, batch_size):
             b1 = min(n_windows, b0 + batch_size)

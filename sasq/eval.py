@@ -109,10 +109,9 @@ class Reference:
                     return cls(wins, h, model.lm_head)
             except Exception:  # unreadable or stale: recompute
                 pass
-        from tqdm.auto import tqdm
+        from sasq.progress import bar
         hidden = np.empty(wins.shape + (model.lm_head.shape[1],), dtype=model.lm_head.dtype)
-        for b0 in tqdm(range(0, len(wins), batch_size), desc="reference", disable=not progress,
-                       leave=False):
+        for b0 in bar(range(0, len(wins), batch_size), desc="reference", disable=not progress):
             hidden[b0:b0 + batch_size] = model.forward(wins[b0:b0 + batch_size], return_hidden=True)
         if path is not None:
             with atomic_write(Path(path), "wb") as f:
@@ -153,9 +152,9 @@ def perplexity(model, token_ids, seqlen: int, batch_size: int = 1, max_windows: 
         if reference.lm_head.shape != lm_head.shape:
             raise ValueError(f"reference lm_head {reference.lm_head.shape} != model's {lm_head.shape}")
 
-    from tqdm.auto import tqdm
+    from sasq.progress import bar as progress_bar
     nlls, kls, top1 = [], [], []
-    bar = tqdm(total=len(wins), disable=not progress, desc="perplexity", unit="win", leave=False)
+    bar = progress_bar(total=len(wins), disable=not progress, desc="perplexity", unit="win")
     try:
         for b0 in range(0, len(wins), batch_size):
             batch = wins[b0:b0 + batch_size]  # (B, T)

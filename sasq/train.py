@@ -256,9 +256,9 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
     n_run = 0
     bar = None
     if not done:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=st["step"], desc=f"train scales ({cfg.objective})",
-                   disable=not progress, leave=False, dynamic_ncols=True)
+        from sasq.progress import bar as progress_bar
+        bar = progress_bar(total=cfg.steps, initial=st["step"], desc=f"train scales ({cfg.objective})",
+                           disable=not progress, unit="step")
     try:
         while not done:
             step = st["step"]

@@ -189,8 +189,8 @@ def load_gguf_tensors(path, progress=False):
     names = [n for n in f.tensors if n not in _IGNORED]
     it = names
     if progress:
-        from tqdm import tqdm
-        it = tqdm(names, desc="dequantize", unit="tensor")
+        from sasq.progress import bar
+        it = bar(names, desc="dequantize", unit="tensor", leave=True)
     tensors = {}
     for name in it:
         t = f.tensors[name]
