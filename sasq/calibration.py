@@ -22,6 +22,8 @@ gains at 1.
 # which would shadow the public function sasq.calibrate.
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from sasq import grid, reference
@@ -164,8 +166,23 @@ def calibrate(qmodel: QuantModel, token_ids, seqlen=None, n_windows=None, method
                 s.params[s.rho_key][...] = RHO_INIT
         if sink:
             _calibrate_sinks(qmodel, obs.sink_absmax)
+    if qmodel.plan.weights == "gptq":
+        _gptq(qmodel, windows, batch_size, progress)
     qmodel.sync()
     return qmodel
+
+
+def _gptq(qmodel, windows, batch_size, progress) -> None:
+    """GPTQ weights from Hessians of the FP model's (rotated model's) linear inputs on the
+    calibration windows; computed once per set of windows (the scales' method does not matter)."""
+    from sasq.gptq import collect_hessians, gptq_model_weights
+    key = hashlib.blake2b(np.ascontiguousarray(windows).tobytes(), digest_size=16).hexdigest()
+    if getattr(qmodel, "_gptq_key", None) == key:
+        return
+    hess = collect_hessians(qmodel.model, windows, batch_size=batch_size, progress=progress)
+    qmodel.set_gptq_weights(gptq_model_weights(qmodel.model, hess, qmodel.plan.w_bits,
+                                               progress=progress))
+    qmodel._gptq_key = key
 
 
 def _calibrate_sinks(qmodel, sink_absmax: dict) -> None:

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sasq import datafree
+from sasq import corpora, datafree
 from sasq.atomic import atomic_write
-from sasq.data import check_seqlen, cut_windows, read_text, split_stream, tokenize_corpus
+from sasq.data import check_seqlen, cut_windows, split_stream, tokenize_corpus
 from sasq.eval import Reference
-from sasq.methods import (BITLESS, DEFAULT_BITS, METHOD_LABELS, METHODS, TRAINED, describe, method,
-                          parse_bits)
+from sasq.methods import (BITLESS, DEFAULT_BITS, METHODS, TRAINED, applies, describe, method,
+                          parse_bits, row_label)
+from sasq.rotate import rotate_model
 from sasq.start import choose_start
-from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key
+from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_identity
 
 OWN_DOMAIN = "own-domain (FP32 samples)"
 EVAL_BATCH = 4  # windows per perplexity forward (speed only; the numbers do not depend on it)
@@ -92,16 +93,18 @@ class Data:
     calib: np.ndarray          # (n_calib, seqlen)
     evals: dict
     trained_on: str            # what the table says the scales were trained/calibrated on
+    corpora: dict = field(default_factory=dict)  # eval name -> {"corpus", "source", "text_sha256"}
 
 
 def prepare_data(cfg, model, out: Path, log) -> Data:
     seqlen = cfg.seqlen
     if cfg.train:
-        ids = tokenize_corpus(model.tokenizer, read_text(cfg.train))
+        tc = corpora.resolve(cfg.train)  # a name (wikitext2:valid) or a text file
+        ids = tokenize_corpus(model.tokenizer, tc.text)
         if len(ids) - int(len(ids) * cfg.val_fraction) < 2 * (seqlen + 1):
             raise ValueError(f"{cfg.train}: {len(ids)} tokens is too little text for seqlen {seqlen}")
         train_ids, val_ids = split_stream(ids, cfg.val_fraction, seqlen + 1)
-        trained_on = f"{Path(cfg.train).name} (first {100 - cfg.val_fraction * 100:.0f}%)"
+        trained_on = f"{tc.label} (first {100 - cfg.val_fraction * 100:.0f}%)"
     else:
         log(f"data-free mode: sampling {cfg.datafree_windows} training windows from the FP32 model "
             f"(seed {datafree.TRAIN_SEED})")
@@ -116,13 +119,16 @@ def prepare_data(cfg, model, out: Path, log) -> Data:
     calib = calib[np.sort(rng.permutation(calib.shape[0])[: cfg.calib_windows])]  # (n_calib, seqlen)
 
     evals: dict[str, np.ndarray] = {}
+    info = {}
     if cfg.eval:
-        evals[Path(cfg.eval).name] = tokenize_corpus(model.tokenizer, read_text(cfg.eval))
+        ec = corpora.resolve(cfg.eval)
+        evals[ec.key] = tokenize_corpus(model.tokenizer, ec.text)
+        info[ec.key] = {"corpus": ec.name or ec.key, "source": ec.source, "text_sha256": ec.sha256}
     log(f"own-domain eval: sampling {cfg.own_windows} windows (seed {datafree.EVAL_SEED})")
     own = _cached_samples(out / "datafree_eval.npy", model, cfg.own_windows, seqlen,
                           datafree.EVAL_SEED, cfg.temperature, cfg.progress)
     evals[OWN_DOMAIN] = own.reshape(-1)
-    return Data(train_ids, val_ids, calib, evals, trained_on)
+    return Data(train_ids, val_ids, calib, evals, trained_on, info)
 
 
 # --------------------------------------------------------------------------- the run
@@ -151,6 +157,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     seqlen = cfg.seqlen
+    check_identity(out / "results.json", cfg.identity())  # refuse before sampling or tokenizing
     data = prepare_data(cfg, model, out, log)
     evals, eval_names, trained_on = data.evals, list(data.evals), data.trained_on
 
@@ -189,6 +196,16 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             log(f"FP32 on {name}: PPL {r.ppl:.3f} ({r.n_windows} windows x {seqlen})")
     results.meta["fp32"] = fp32
     results.meta["evals"] = eval_names
+    # What each number was measured on, for comparisons with other tools (sasq.external).
+    from sasq.external import make_protocol, tokens_sha256
+    bos = "once" if getattr(model.tokenizer, "add_bos", False) else "none"
+    results.meta["protocols"] = {
+        name: make_protocol(corpus=data.corpora.get(name, {}).get("corpus", name),
+                            text_sha256=data.corpora.get(name, {}).get("text_sha256"),
+                            tokens_sha256=tokens_sha256(evals[name]), seqlen=seqlen,
+                            n_windows=refs[name].windows.shape[0],
+                            bos="per_window" if name == OWN_DOMAIN else bos)
+        for name in eval_names}
     if "fp32" in cfg.methods:
         results.add([_row("fp32", "-", "-", None, name, fp32[name]["ppl"], fp32[name]["ppl"], 0.0, 1.0,
                           fp32[name]["n_windows"], "-", {}, None) for name in eval_names])
@@ -201,18 +218,27 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         for key in cfg.methods:
             if key == "fp32" or (key in BITLESS) != (b == "-"):
                 continue
+            if b != "-" and not applies(key, *parse_bits(b)):
+                continue  # static rows at A16 (float activations)
             for o in (list(cfg.objectives) if key in TRAINED else ["-"]):
                 cells.append((key, b, o))
+    rotated = {}  # the rotated model, built once per R1 seed
     ckpt_dir = out / "checkpoints"
     for i, (key, b, obj) in enumerate(cells):
         if results.has_cell(key, b, obj, eval_names):
-            log(f"[{i + 1}/{len(cells)}] {key} {b} {obj}: already in {results.json_path.name}, skipped")
+            log(f"[{i + 1}/{len(cells)}] {row_label(key, parse_bits(b)[1] if b != '-' else 8)} {b} {obj}: "
+                f"already in {results.json_path.name}, skipped")
             continue
         m = method(key)
         w_bits, a_bits = parse_bits(b) if b != "-" else (None, None)
         plan = m.plan(w_bits, a_bits)
         t0 = time.perf_counter()
-        qm = sasq.quantize(model, plan)
+        base = model
+        if plan is not None and plan.rotate:
+            if plan.rotate_seed not in rotated:
+                rotated[plan.rotate_seed] = rotate_model(model, seed=plan.rotate_seed)
+            base = rotated[plan.rotate_seed]
+        qm = sasq.quantize(base, plan)
         info = {}
         if m.calibrate == "best":
             if heldout is None:
@@ -223,6 +249,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             sasq.calibrate(qm, data.calib, seqlen=seqlen, method=m.calibrate, progress=cfg.progress)
         if m.train:
             ck = ckpt_dir / (cell_key(key, b, obj).replace("|", "_") + ".npz")
+            _say_resume(ck, cfg.steps, f"[{i + 1}/{len(cells)}] {row_label(key, a_bits or 8)} {b} {obj}", log)
             tr = train_scales(qm, data.train_ids, steps=cfg.steps, lr=cfg.lr, seqlen=seqlen, batch=cfg.batch,
                               objective=obj, schedule=cfg.schedule, val_ids=data.val_ids,
                               val_windows=cfg.val_windows, checkpoint=ck, resume=True, seed=cfg.seed,
@@ -244,15 +271,29 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
         results.add(rows)
         summary = ", ".join(f"{r['eval']}: PPL {_fmt_ppl(r['ppl'])} KL {r['kl']:.4f} top-1 "
                             f"{100 * r['top1']:.1f}%" for r in rows)
-        log(f"[{i + 1}/{len(cells)}] {METHOD_LABELS[key]} {b} {obj}: {summary} "
+        log(f"[{i + 1}/{len(cells)}] {row_label(key, a_bits)} {b} {obj}: {summary} "
             f"({time.perf_counter() - t0:.0f} s)")
     return {"version": RESULTS_VERSION, "meta": results.meta, "rows": results.rows,
             "dir": str(out)}
 
 
+def _say_resume(ck: Path, steps: int, what: str, log) -> None:
+    """Tell the user a cell's training is picked up from its checkpoint (not started over)."""
+    if not ck.exists():
+        return
+    from sasq.optim import load_checkpoint
+    try:
+        step = int(load_checkpoint(ck)[0].get("step", 0))
+    except (ValueError, TypeError):
+        return  # train_scales reports an unreadable checkpoint with its own message
+    log(f"{what}: resuming training from {ck.name} at step {step} of {steps}" if step < steps else
+        f"{what}: training finished in {ck.name} ({step} steps); evaluating")
+
+
 def _row(key, bits, objective, plan, eval_name, ppl, fp32_ppl, kl, top1, n_windows, trained_on,
          info, prep_s):
-    return {"method": key, "label": METHOD_LABELS[key], "bits": bits, "objective": objective,
+    a_bits = parse_bits(bits)[1] if bits != "-" else 8
+    return {"method": key, "label": row_label(key, a_bits), "bits": bits, "objective": objective,
             **describe(key, plan), "trained_on": trained_on, "eval": eval_name, "ppl": ppl,
             "delta": (ppl / fp32_ppl - 1.0) if key != "fp32" else None, "kl": kl, "top1": top1,
             "n_windows": n_windows, "prep_seconds": prep_s, **info}

@@ -14,6 +14,14 @@ what the runner does with it (calibrate how, train or not).
   sasq                 SASQ: folded per-channel, sink-aware, trained from the best PTQ start
                        (sasq.start: chosen by held-out KL), hard clamp
   sasq_trunc           the same with the adaptive truncation before the quantizer
+  gptq                 GPTQ weights (calibration Hessians), dynamic per-token activations
+  quarot_rtn           QuaRot-style: rotation, RTN weights, dynamic per-token activations (clip
+                       0.9 at 4-bit activations, as QuaRot)
+  quarot_gptq          the same with GPTQ weights
+  sasq_rot             SASQ on the rotated model: static per-tensor, sink-aware, best start, trained
+  sasq_rot_gptq        the same with GPTQ weights
+A bit config "WxA16" leaves activations in float: the dynamic rows are then the weight-only
+baselines (RTN, GPTQ, with and without rotation) and the static rows are skipped.
 """
 from __future__ import annotations
 
@@ -40,10 +48,21 @@ class Method:
     calibrate: str | None = None  # a calibration method, "best" (sasq.start), or None
     train: bool = False
     bitless: bool = False  # one cell per objective, not per bit config
+    weight_only_label: str | None = None  # its name at A16 (None: skipped at A16)
 
 
 def _static(granularity, **kw):
     return lambda w, a: QuantPlan(w_bits=w, a_bits=a, granularity=granularity, mode="static", **kw)
+
+
+def _dynamic(rotate=False, gptq=False):
+    """Dynamic per-token activations (or none at A16); QuaRot's 0.9 clip at <= 4-bit activations
+    when rotated."""
+    def plan(w, a):
+        clip = 0.9 if rotate and a is not None and a <= 4 else 1.0
+        return QuantPlan(w_bits=w, a_bits=a, mode="dynamic" if a is not None else "static",
+                         rotate=rotate, weights="gptq" if gptq else "rtn", dynamic_clip=clip)
+    return plan
 
 
 CATALOGUE = {m.key: m for m in [
@@ -64,11 +83,23 @@ CATALOGUE = {m.key: m for m in [
            _static("tensor", smoothquant_alpha=SMOOTHQUANT_ALPHA, sink_tokens=SINK_TOKENS),
            "absmax_mean"),
     Method("dynamic_token", "dynamic per-token",
-           lambda w, a: QuantPlan(w_bits=w, a_bits=a, mode="dynamic")),
+           lambda w, a: QuantPlan(w_bits=w, a_bits=a, mode="dynamic"),
+           weight_only_label="RTN weight-only"),
     Method("sasq", "SASQ hard clamp +sink", _static("channel", sink_tokens=SINK_TOKENS), "best",
            train=True),
     Method("sasq_trunc", "SASQ + truncation +sink",
            _static("channel", sink_tokens=SINK_TOKENS, truncation=True), "best", train=True),
+    Method("gptq", "GPTQ, dynamic per-token", _dynamic(gptq=True), "absmax_mean",
+           weight_only_label="GPTQ weight-only"),
+    Method("quarot_rtn", "QuaRot-RTN (dynamic)", _dynamic(rotate=True), None,
+           weight_only_label="rotation + RTN weight-only"),
+    Method("quarot_gptq", "QuaRot-GPTQ (dynamic)", _dynamic(rotate=True, gptq=True), "absmax_mean",
+           weight_only_label="rotation + GPTQ weight-only"),
+    Method("sasq_rot", "SASQ + rotation +sink", _static("tensor", sink_tokens=SINK_TOKENS, rotate=True),
+           "best", train=True),
+    Method("sasq_rot_gptq", "SASQ + rotation + GPTQ +sink",
+           _static("tensor", sink_tokens=SINK_TOKENS, rotate=True, weights="gptq"), "best",
+           train=True),
 ]}
 METHODS = tuple(CATALOGUE)
 METHOD_LABELS = {k: m.label for k, m in CATALOGUE.items()}
@@ -84,14 +115,26 @@ def method(key: str) -> Method:
     return CATALOGUE[key]
 
 
-def parse_bits(spec: str) -> tuple[int, int]:
+def parse_bits(spec: str) -> tuple[int | None, int | None]:
+    """"W4A8" -> (4, 8); 16 means not quantized: "W4A16" -> (4, None)."""
     m = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", spec.strip())
     if not m:
         raise ValueError(f"bit config {spec!r} is not of the form W<bits>A<bits> (e.g. W8A8)")
     w, a = int(m.group(1)), int(m.group(2))
-    if not (2 <= w <= 8 and 2 <= a <= 8):
-        raise ValueError(f"bit config {spec!r}: bits must be between 2 and 8")
-    return w, a
+    if not all(2 <= b <= 8 or b == 16 for b in (w, a)) or w == a == 16:
+        raise ValueError(f"bit config {spec!r}: bits must be between 2 and 8, or 16 (float)")
+    return (None if w == 16 else w), (None if a == 16 else a)
+
+
+def applies(key: str, w_bits, a_bits) -> bool:
+    """Whether a method has a cell at this bit config (static rows need quantized activations)."""
+    m = method(key)
+    return m.bitless or a_bits is not None or m.weight_only_label is not None
+
+
+def row_label(key: str, a_bits) -> str:
+    m = method(key)
+    return m.weight_only_label if (a_bits is None and m.weight_only_label) else m.label
 
 
 def make_plan(key: str, w_bits: int | None, a_bits: int | None):
@@ -102,7 +145,11 @@ def describe(key: str, plan) -> dict:
     """Table columns of a cell: granularity, form, static/dynamic, weight quantization."""
     if plan is None:
         return {"granularity": "-", "form": "-", "mode": "-", "weights": "-"}
-    weights = "-" if plan.w_bits is None else f"RTN per-channel W{plan.w_bits}"
+    weights = "-" if plan.w_bits is None else f"{plan.weights.upper()} per-channel W{plan.w_bits}"
+    if plan.rotate:
+        weights += ", rotated"
+    if plan.a_bits is None and not plan.adapt_control:
+        return {"granularity": "-", "form": "weights only", "mode": "-", "weights": weights}
     if plan.adapt_control:
         return {"granularity": "channel", "form": "gains+clips, no rounding", "mode": "static",
                 "weights": weights}

@@ -30,6 +30,10 @@ class QuantPlan:
     SmoothQuant            QuantPlan(8, 8, smoothquant_alpha=0.5[, mode="dynamic"]) (+ calibrate)
     SASQ                   any static plan + calibrate + train_scales; truncation=True for SASQ+trunc
     adapted FP32 control   QuantPlan(w_bits=None, a_bits=None, adapt_control=True, granularity=...)
+    sink-aware             sink_tokens=k: positions 0..k-1 get their own static scales
+    QuaRot-style           QuantPlan(4, 4, mode="dynamic", rotate=True, weights="gptq",
+                                     dynamic_clip=0.9)  (rotation: sasq.rotate; GPTQ: sasq.gptq)
+    SASQ on a rotated model  QuantPlan(4, 4, rotate=True, sink_tokens=4) + calibrate + train
     """
     w_bits: int | None = 8
     a_bits: int | None = 8
@@ -45,6 +49,10 @@ class QuantPlan:
     sink_tokens: int = 0               # first k positions get their own static scales (sinks)
     lsq_grad_scale: bool = False       # multiply scale grads by 1/sqrt(N*qmax) (LSQ)
     param_space: str = "log"           # "log" | "linear"
+    rotate: bool = False               # QuaRot-style Hadamard rotation first (sasq.rotate)
+    rotate_seed: int | None = 0        # R1's random signs (None: plain Hadamard)
+    weights: str = "rtn"               # "rtn" round-to-nearest | "gptq" (calibration Hessians)
+    dynamic_clip: float = 1.0          # dynamic per-token scale = clip * absmax / qmax
 
     def __post_init__(self):
         def bits_ok(name, v):
@@ -96,6 +104,20 @@ class QuantPlan:
             if self.granularity == "channel":
                 raise ValueError("SmoothQuant quantizes per tensor (static) or per token (dynamic); "
                                  "granularity='channel' is already per-channel")
+        if self.weights not in ("rtn", "gptq"):
+            raise ValueError(f"QuantPlan.weights must be 'rtn' or 'gptq', got {self.weights!r}")
+        if self.weights == "gptq":
+            if self.w_bits is None:
+                raise ValueError("weights='gptq' needs w_bits")
+            if self.folded or self.smoothquant_alpha is not None:
+                raise ValueError("weights='gptq' rounds the weights once, from calibration "
+                                 "Hessians; a per-channel fold or SmoothQuant changes them (use a "
+                                 "per-tensor, dynamic or weight-only plan)")
+        c = self.dynamic_clip
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
+            raise ValueError(f"QuantPlan.dynamic_clip must be in (0, 1], got {c!r}")
+        if c != 1.0 and self.mode != "dynamic":
+            raise ValueError("dynamic_clip is the clip ratio of dynamic per-token scales")
         k = self.sink_tokens
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SINK:
             raise ValueError(f"QuantPlan.sink_tokens must be an int in [0, {MAX_SINK}], got {k!r}")
@@ -126,8 +148,12 @@ class QuantPlan:
                  f"{f' +sink{self.sink_tokens}' if self.sink_tokens else ''})")
             return s if self.w_bits is None else f"W{self.w_bits} {s}"
         if self.w_bits is None and self.a_bits is None and self.kv_bits is None:
-            return "FP32"
+            return "FP32" + (" rotated" if self.rotate else "")
         bits = f"W{self.w_bits or 16}A{self.a_bits or 16}"
+        if self.rotate:
+            bits += " rotated"
+        if self.weights == "gptq":
+            bits += " GPTQ"
         if self.kv_bits:
             bits += f"KV{self.kv_bits}"
         if self.a_bits is None:
@@ -136,7 +162,7 @@ class QuantPlan:
                 return f"{bits} static {kvg} KV only"
             return bits + " weight-only"
         if self.mode == "dynamic":
-            how = "dynamic per-token"
+            how = "dynamic per-token" + (f" clip {self.dynamic_clip:g}" if self.dynamic_clip != 1 else "")
         elif self.granularity == "channel":
             how = "static per-channel " + ("(folded)" if self.fold else "(fake per-channel)")
         else:

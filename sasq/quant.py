@@ -26,7 +26,8 @@ import numpy as np
 from sasq.model import ActivationHook
 from sasq.plan import HEAD_SITE, KV_SITES, QuantPlan
 from sasq.sites import Site, SiteSpec, tie_expand
-from sasq.transforms import fake_quant_model
+from sasq.rotate import rotated
+from sasq.transforms import WEIGHT_NAMES, fake_quant_model, quantized_weights
 
 
 class QuantHook(ActivationHook):
@@ -75,7 +76,7 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
         sites[(i, name)] = Site(spec, kind, bits, per_channel=per_ch and kind != "dynamic",
                                 folded=folded, truncation=plan.truncation and role == "act",
                                 log=plan.param_space == "log", lsq=plan.lsq_grad_scale, dtype=dtype,
-                                sink=plan.sink_tokens)
+                                sink=plan.sink_tokens, clip=plan.dynamic_clip)
     return sites
 
 
@@ -85,6 +86,8 @@ class QuantModel:
     def __init__(self, model, plan: QuantPlan):
         if not isinstance(plan, QuantPlan):
             raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
+        if plan.rotate:
+            model = rotated(model, plan.rotate_seed)
         self.model = model
         self.plan = plan
         self.dtype = np.dtype(model.dtype)
@@ -104,6 +107,7 @@ class QuantModel:
                     n = s.channels // cfg.n_groups if s.name == "o_in" else s.channels
                     self.smooth[s.key] = np.ones(n, self.dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.gptq: dict | None = None  # (layer, matrix) -> (codes, scales), set by calibrate
         self.initialized = not self.needs_calibration
         self._memo: dict = {}
         self._sync()
@@ -111,7 +115,17 @@ class QuantModel:
     # ---- sites & params -----------------------------------------------------------------
     @property
     def needs_calibration(self) -> bool:
-        return bool(self.params) or bool(self.smooth)
+        return bool(self.params) or bool(self.smooth) or self.plan.weights == "gptq"
+
+    def set_gptq_weights(self, codes: dict) -> None:
+        """Weights rounded by GPTQ ((layer, matrix) -> (codes int8, scales)), used instead of RTN."""
+        want = {(i, n) for i in range(self.n_layers) for n in WEIGHT_NAMES}
+        if set(codes) != want:
+            raise ValueError(f"GPTQ weights must cover every linear of every layer; missing "
+                             f"{sorted(want - set(codes))[:3]}")
+        self.gptq = codes
+        self._memo.clear()
+        self._sync()
 
     def log_param_keys(self) -> set[str]:
         """Params stored as logarithms (value = exp(param))."""
@@ -168,8 +182,24 @@ class QuantModel:
         for s in self.sites.values():
             if s.name == "v_cache" and f"layers.{s.layer}.o_in" in folds:
                 s.sync(folds[f"layers.{s.layer}.o_in"])  # v arrives divided: scale s_v / f_o
+        fixed = None
+        if self.gptq is not None:
+            fixed = {k: (c.astype(self.dtype) * s.astype(self.dtype)[:, None])
+                     for k, (c, s) in self.gptq.items()} if "fixed" not in self._memo else \
+                self._memo["fixed"]
+            self._memo["fixed"] = fixed
         self.deploy = fake_quant_model(self.model, folds, self.plan.w_bits,
-                                       self.plan.quant_head, memo=self._memo)
+                                       self.plan.quant_head, memo=self._memo, fixed=fixed)
+
+    def quantized_weights(self) -> dict:
+        """(layer, matrix) -> (int8 codes (out, in), float32 scales (out,)) of the deployed
+        linears: the GPTQ codes, or RTN of each matrix after its folds; codes * scales equals the
+        fake-quant weight bit for bit (the same kernel, sasq.transforms)."""
+        if self.plan.w_bits is None:
+            raise ValueError(f"{self.plan.label}: weights are not quantized")
+        if self.gptq is not None:
+            return dict(self.gptq)
+        return quantized_weights(self.model, self.folds, self.plan.w_bits)
 
     # ---- LlamaModel-like interface ------------------------------------------------------
     @property

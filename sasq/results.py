@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sasq.atomic import atomic_write
-from sasq.methods import METHOD_LABELS, METHODS
+from sasq.methods import CATALOGUE, METHOD_LABELS, METHODS
 
 RESULTS_VERSION = 1
 
@@ -42,12 +42,7 @@ class Results:
         self.meta = meta
         self.rows: list[dict] = []
         if self.json_path.exists():
-            old = load_results(self.json_path)
-            if old["meta"].get("identity") != meta.get("identity"):
-                a, b = old["meta"].get("identity", {}), meta.get("identity", {})
-                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                raise ValueError(f"{self.json_path} holds results of different settings "
-                                 f"({', '.join(diff)}); use another --out")
+            old = check_identity(self.json_path, meta.get("identity"))
             self.rows = old["rows"]
             self.meta = {**old["meta"], **meta}
 
@@ -67,6 +62,48 @@ class Results:
         doc = {"version": RESULTS_VERSION, "meta": self.meta, "rows": self.rows}
         _atomic_write_text(self.json_path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
         _atomic_write_text(self.md_path, render_markdown(doc))
+
+
+def check_identity(json_path, identity) -> dict | None:
+    """The results document at json_path (None when absent) after checking it was written with
+    these settings; ValueError naming the differing settings. The runner calls this before any
+    work, so a refused run does nothing else first."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        return None
+    old = load_results(json_path)
+    if old["meta"].get("identity") != identity:
+        a, b = old["meta"].get("identity", {}), identity or {}
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise ValueError(f"{json_path} holds results of different settings "
+                         f"({', '.join(diff)}); use another --out")
+    return old
+
+
+def load(path) -> dict:
+    """A results document from a run folder or results.json of ours, or from an external file
+    (JSON/CSV, docs/results-format.md: a QuaRot-style script's per-window NLLs or a perplexity
+    with its protocol). External documents carry "external": True; put their rows next to ours
+    with merge()."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if p.suffix.lower() == ".json" and p.is_file():
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: unreadable results file ({e})") from None
+        if isinstance(doc, dict) and "rows" in doc and "meta" in doc:
+            return load_results(p)
+    from sasq.external import load_external
+    return load_external(p)
+
+
+def merge(doc: dict, external, eval_name: str | None = None, reference=None) -> dict:
+    """Our results `doc` with external rows added on the evaluation set whose protocol they
+    match (sasq.external.merge; mismatches are refused naming the field)."""
+    from sasq.external import merge as _merge
+    return _merge(doc, external, eval_name=eval_name, reference=reference)
 
 
 def load_results(path) -> dict:
@@ -99,6 +136,29 @@ def _windows_note(f: dict, seqlen) -> str:
     return f"{n} windows x {seqlen} tokens{capped}"
 
 
+def _with_fp32(doc) -> list[dict]:
+    """The rows plus an FP32 row per eval set from meta when the run left it out (a table
+    always shows the reference it is measured against)."""
+    rows = list(doc["rows"])
+    have = {r["eval"] for r in rows if r["method"] == "fp32"}
+    for e, f in (doc["meta"].get("fp32") or {}).items():
+        if e not in have and f.get("ppl") is not None:
+            rows.append({"method": "fp32", "label": "FP32", "bits": "-", "objective": "-",
+                         "granularity": "-", "form": "-", "mode": "-", "weights": "-",
+                         "trained_on": "-", "eval": e, "ppl": f["ppl"], "delta": None, "kl": 0.0,
+                         "top1": 1.0, "n_windows": f.get("n_windows")})
+    return rows
+
+
+def _protocol_note(p: dict | None) -> str:
+    if not p:
+        return ""
+    h = p.get("tokens_sha256") or p.get("text_sha256")
+    kind = "tokens" if p.get("tokens_sha256") else "text"
+    return (f"; corpus {p.get('corpus') or '?'} ({kind} sha256 {h[:12] if h else '?'}), "
+            f"BOS {p.get('bos')}")
+
+
 def _lines(rows, meta):
     """Group rows into table lines: (method, bits, objective, training split) -> {eval: row},
     in catalogue and bit-config order."""
@@ -117,7 +177,7 @@ def _lines(rows, meta):
 
 def render_markdown(doc: dict) -> str:
     """One line per (method, bits, objective); per eval set PPL, delta, KL to FP32, top-1."""
-    meta, rows = doc["meta"], doc["rows"]
+    meta, rows = doc["meta"], _with_fp32(doc)
     evals = meta.get("evals", sorted({r["eval"] for r in rows}))
     fp32 = meta.get("fp32", {})
     ident = meta.get("identity", {})
@@ -128,7 +188,15 @@ def render_markdown(doc: dict) -> str:
     for e in evals:
         f = fp32.get(e, {})
         lines.append(f"- eval **{e}**: FP32 PPL {_fmt_ppl(f.get('ppl'))}, "
-                     f"{_windows_note(f, meta.get('seqlen'))}")
+                     f"{_windows_note(f, meta.get('seqlen'))}"
+                     f"{_protocol_note((meta.get('protocols') or {}).get(e))}")
+    for x in meta.get("external", []):
+        p = x.get("protocol") or {}
+        lines.append(f"- external **{x['label']} {x['bits']}** on {x['eval']}: from {x.get('source')}"
+                     + (f" (model {x['model']})" if x.get("model") else "")
+                     + f", protocol checked: seqlen {p.get('seqlen')}, {p.get('n_windows')} windows"
+                     + _protocol_note(p) + (f"; {x['note']}" if x.get("note") else "")
+                     + (f"; its own FP32 PPL {_fmt_ppl(x['fp32_ppl'])}" if x.get("fp32_ppl") else ""))
     lines.append("- delta = PPL / FP32 PPL - 1; KL = mean per-token KL(FP32 || model) and top-1 = "
                  "agreement of the argmax with FP32, on the same windows (fidelity; a PPL below FP32 "
                  "is domain fit); 'form' says whether a per-channel number is deployable (folded)")
@@ -141,7 +209,7 @@ def render_markdown(doc: dict) -> str:
     lines.append("|" + "---|" * len(head))
     for _, c in _lines(rows, meta):
         r0 = next(iter(c.values()))
-        line = [METHOD_LABELS.get(r0["method"], r0["method"]), r0["bits"], r0.get("weights", "-"),
+        line = [r0.get("label") or METHOD_LABELS.get(r0["method"], r0["method"]), r0["bits"], r0.get("weights", "-"),
                 r0["granularity"], r0["form"], r0["mode"], r0["objective"], r0["trained_on"]]
         for e in evals:
             r = c.get(e)
@@ -160,7 +228,7 @@ def render_markdown(doc: dict) -> str:
 def render_compact(doc: dict) -> str:
     """Per eval set, a pivot: one line per (method, objective, training split), one column per
     bit config, each cell "PPL / KL / top-1"."""
-    meta, rows = doc["meta"], doc["rows"]
+    meta, rows = doc["meta"], _with_fp32(doc)
     evals = meta.get("evals", sorted({r["eval"] for r in rows}))
     bits = list(meta.get("bits", []))
     if any(r["bits"] == "-" for r in rows):
@@ -168,10 +236,11 @@ def render_compact(doc: dict) -> str:
     rank = {m: i for i, m in enumerate(METHODS)}
     out = []
     for e in evals:
-        lines_ = {}
+        lines_, labels = {}, {}
         for r in rows:
             if r["eval"] == e:
                 lines_.setdefault((r["method"], r["objective"], r["trained_on"]), {})[r["bits"]] = r
+                labels.setdefault(r["method"], r.get("label") or r["method"])  # external rows
         out += [f"## {e}: PPL / KL to FP32 / top-1 agreement", "",
                 "| method | obj | trained on | " + " | ".join("no quant" if b == "-" else b
                                                            for b in bits) + " |",
@@ -182,6 +251,10 @@ def render_compact(doc: dict) -> str:
                 r = lines_[k].get(b)
                 cells.append("" if r is None else f"{_fmt_ppl(r['ppl'])} / {_fmt_kl(r.get('kl'))} / "
                                                   f"{_fmt_top1(r.get('top1'))}")
-            out.append(f"| {METHOD_LABELS.get(k[0], k[0])} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
+            label = METHOD_LABELS.get(k[0]) or labels[k[0]]
+            wol = CATALOGUE[k[0]].weight_only_label if k[0] in CATALOGUE else None
+            if wol and any(b.endswith("A16") for b in lines_[k]):
+                label += f" (A16: {wol})"
+            out.append(f"| {label} | {k[1]} | {k[2]} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

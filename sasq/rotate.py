@@ -116,6 +116,16 @@ def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool
     return out
 
 
+def rotated(model, seed):
+    """model rotated with R1 seed `seed` (or model itself when it already is, with that seed)."""
+    rot = getattr(model, "rotation", None)
+    if rot is None:
+        return rotate_model(model, seed=seed)
+    if rot.get("seed") != seed:
+        raise ValueError(f"model was rotated with seed {rot.get('seed')}, the plan asks for {seed}")
+    return model
+
+
 def constructible(n: int) -> bool:
     try:
         had.hadamard_factors(n)

@@ -153,7 +153,8 @@ class DynamicQuant:
     @staticmethod
     def forward(x, site):
         qm = grid.qmax(site.bits)
-        s = np.abs(x).max(axis=-1, keepdims=True) / qm  # (B, T, 1)
+        a = np.abs(x).max(axis=-1, keepdims=True)  # (B, T, 1)
+        s = (a if site.clip == 1 else a * site.clip) / qm  # QuaRot clips at 0.9 absmax at 4 bits
         s = np.where(s > 0, s, 1).astype(x.dtype)
         return (np.clip(np.rint(x / s), -qm, qm) * s).astype(x.dtype)
 
@@ -217,8 +218,9 @@ class Site:
     values derived from them by sync(), and its stage table."""
 
     def __init__(self, spec: SiteSpec, kind: str, bits: int | None, per_channel: bool,
-                 folded: bool, truncation: bool, log: bool, lsq: bool, dtype, sink: int = 0):
-        self.spec, self.kind, self.bits = spec, kind, bits
+                 folded: bool, truncation: bool, log: bool, lsq: bool, dtype, sink: int = 0,
+                 clip: float = 1.0):
+        self.spec, self.kind, self.bits, self.clip = spec, kind, bits, clip
         self.per_channel, self.folded, self.truncation = per_channel, folded, truncation
         self.log, self.lsq, self.dtype = log, lsq, np.dtype(dtype)
         self.sink = sink if kind != "dynamic" else 0

@@ -92,11 +92,12 @@ def fold_norm(g: np.ndarray, f) -> np.ndarray:
 
 
 def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = False,
-                     memo: dict | None = None):
+                     memo: dict | None = None, fixed: dict | None = None):
     """The model with `folds` applied and its linear weights rounded (RTN per output channel,
-    after the fold); lm_head is rounded only with quant_head. `memo` (optional, owned by the
-    caller) maps (layer, matrix) -> (factors' bytes, result) and skips matrices whose factors did
-    not change since the last call; the result never depends on it."""
+    after the fold); lm_head is rounded only with quant_head. `fixed` ((layer, matrix) -> weight)
+    replaces the rounding of those matrices (GPTQ; no fold may touch them). `memo` (optional,
+    owned by the caller) maps (layer, matrix) -> (factors' bytes, result) and skips matrices whose
+    factors did not change since the last call; the result never depends on it."""
     dt = model.dtype
     cfg = model.config
     layers = []
@@ -104,6 +105,11 @@ def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = 
         new = {}
         for name in WEIGHT_NAMES:
             col, row = matrix_factors(folds, i, name, cfg)
+            if fixed is not None and (i, name) in fixed:
+                if col is not None or row is not None:
+                    raise ValueError(f"layer {i} {name}: a fixed (GPTQ) weight cannot be folded")
+                new[name] = np.ascontiguousarray(fixed[(i, name)], dtype=dt)
+                continue
             sig = (None if col is None else col.tobytes(), None if row is None else row.tobytes())
             hit = memo.get((i, name)) if memo is not None else None
             if hit is not None and hit[0] == sig:
@@ -149,6 +155,18 @@ def fold_norms(model, dtype=None):
     return model.copy_with(layers=layers, norm=np.ones_like(g),
                            embed_tokens=np.asarray(model.embed_tokens, dtype=dt),
                            lm_head=np.asarray(model.lm_head, dtype=dt) * g[None, :])
+
+
+def quantized_weights(model, folds: dict, bits: int) -> dict:
+    """(layer, matrix) -> (int8 codes, scales) of every decoder linear after `folds`, RTN per
+    output channel: what fake_quant_model's weights are, as integers (export, engine)."""
+    out = {}
+    for i, lw in enumerate(model.layers):
+        for name in WEIGHT_NAMES:
+            col, row = matrix_factors(folds, i, name, model.config)
+            w = np.ascontiguousarray(getattr(lw, name))
+            out[(i, name)] = _kernels(w.dtype).fold_quantize_weight(w, bits, col, row)
+    return out
 
 
 def fold_scales(model, folds: dict):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sasq.experiment import OWN_DOMAIN, ExperimentConfig, run_experiment
-from sasq.methods import parse_bits
+from sasq.methods import METHOD_LABELS, parse_bits
 from sasq.results import Results, load_results, render_markdown
 
 
@@ -17,7 +17,7 @@ def _meta(**identity):
 
 
 def _row(method, bits, obj, ev, ppl):
-    return {"method": method, "label": method, "bits": bits, "objective": obj, "granularity": "channel",
+    return {"method": method, "label": METHOD_LABELS[method], "bits": bits, "objective": obj, "granularity": "channel",
             "form": "folded", "mode": "static", "trained_on": "valid.txt", "eval": ev, "ppl": ppl,
             "delta": ppl / (10.0 if ev == "test.txt" else 4.0) - 1, "n_windows": 5,
             "kl": 0.05 if ev == "test.txt" else 0.125, "top1": 0.9}
@@ -26,7 +26,8 @@ def _row(method, bits, obj, ev, ppl):
 def test_parse_bits():
     assert parse_bits("W4A8") == (4, 8)
     assert parse_bits(" w6a6 ") == (6, 6)
-    for bad in ("W8", "A8W8", "W1A8", "W9A9", "W8A8x"):
+    assert parse_bits("W4A16") == (4, None) and parse_bits("W16A8") == (None, 8)
+    for bad in ("W8", "A8W8", "W1A8", "W9A9", "W8A8x", "W16A16", "W4A12"):
         with pytest.raises(ValueError, match="bit"):
             parse_bits(bad)
 
@@ -45,12 +46,15 @@ def test_results_round_trip_resume_and_markdown(tmp_path):
         Results(tmp_path, _meta(lr=0.1))
     md = (tmp_path / "results.md").read_text()
     assert md == render_markdown(doc)
-    line = next(l for l in md.splitlines() if l.startswith("| SASQ hard clamp"))
+    line = next(l for l in md.splitlines() if l.startswith("| SASQ hard clamp +sink | W8A8"))
     for want in ("12.50 | +25.0% | 0.0500 | 90.0%", "4.40 | +10.0% | 0.1250 | 90.0%"):
         assert want in line, line
     assert "FP32 PPL 10.00, 5 windows x 8 tokens" in md
     compact = md[md.index("## test.txt"):]  # the pivot per eval set: PPL / KL / top-1
-    assert "| SASQ hard clamp +sink | ce | valid.txt | 12.50 / 0.0500 / 90.0% |" in compact
+    # the FP32 row is always there (from meta when the run had no fp32 cell), in its own column
+    assert "| SASQ hard clamp +sink | ce | valid.txt |  | 12.50 / 0.0500 / 90.0% |" in compact
+    assert "| FP32 | - | - | 10.00 / 0.0000 / 100.0% |  |" in compact
+    assert md.count("| FP32 |") == 3  # the full table and both pivots
 
 
 def test_corrupt_results_file_is_a_clear_error(tmp_path):

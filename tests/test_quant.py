@@ -451,3 +451,63 @@ def test_sink_rows_use_their_own_scale(model, ids):
         QuantPlan(8, 8, mode="dynamic", sink_tokens=2)
     with pytest.raises(ValueError, match="sink_tokens"):
         QuantPlan(8, 8, sink_tokens=-1)
+
+
+# --------------------------------------------------------------------------- rotation, GPTQ
+
+def test_quantized_weights_are_the_deployed_weights(model, ids):
+    """Integers for export/engine: codes * scales equals the fake-quant weight bit for bit."""
+    m32 = outlier_model(np.float32)
+    q = calibrate(quantize(m32, QuantPlan(4, 8, granularity="channel")), ids, progress=False)
+    qw = q.quantized_weights()
+    for (i, name), (codes, scales) in qw.items():
+        assert codes.dtype == np.int8 and np.abs(codes).max() <= 7
+        np.testing.assert_array_equal(codes.astype(np.float32) * scales[:, None],
+                                      getattr(q.deploy.layers[i], name), err_msg=f"{i} {name}")
+    with pytest.raises(ValueError, match="not quantized"):
+        quantize(m32, QuantPlan(None, 8)).quantized_weights()
+
+
+def test_gptq_plan_uses_calibration_hessians(ids):
+    m = outlier_model(np.float32)
+    with pytest.raises(ValueError, match="gptq"):
+        QuantPlan(4, 8, granularity="channel", weights="gptq")
+    rng = np.random.default_rng(5)
+    calib = rng.integers(0, CFG.vocab_size, (6, 12))
+    rtn = calibrate(quantize(m, QuantPlan(4, None)), calib, progress=False)
+    g = quantize(m, QuantPlan(4, None, weights="gptq"))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        g.forward(ids)
+    calibrate(g, calib, progress=False)
+    assert g.gptq is not None and g.plan.label == "W4A16 GPTQ weight-only"
+    for (i, name), (codes, scales) in g.quantized_weights().items():
+        np.testing.assert_array_equal(codes.astype(np.float32) * scales[:, None],
+                                      getattr(g.deploy.layers[i], name))
+    fp = m.forward(calib)
+    err = lambda q: float(np.mean((q.forward(calib) - fp) ** 2))  # noqa: E731
+    assert err(g) < err(rtn), (err(g), err(rtn))  # on its own calibration windows
+
+
+def test_rotated_plans(ids):
+    m = outlier_model(np.float64)
+    q = calibrate(quantize(m, QuantPlan(None, 4, rotate=True)), ids, progress=False)
+    assert q.model.rotation["seed"] == 0 and q.plan.label.startswith("W16A4 rotated")
+    fp = m.forward(ids)
+    np.testing.assert_allclose(q.model.forward(ids), fp, atol=1e-10)  # same FP function
+    plain = calibrate(quantize(m, QuantPlan(None, 4)), ids, progress=False)
+    err = lambda qq: float(np.abs(qq.forward(ids) - fp).mean())  # noqa: E731
+    assert err(q) < err(plain), (err(q), err(plain))  # rotation removes the outlier channels
+    again = quantize(q.model, QuantPlan(None, 4, rotate=True))  # an already rotated model is reused
+    assert again.model is q.model
+    with pytest.raises(ValueError, match="seed"):
+        quantize(q.model, QuantPlan(None, 4, rotate=True, rotate_seed=1))
+
+
+def test_dynamic_clip_ratio(model):
+    q = quantize(model, QuantPlan(None, 4, mode="dynamic", dynamic_clip=0.9))
+    x = np.random.default_rng(0).standard_normal((1, 3, CFG.hidden_size))
+    y = q.hook.forward(0, "attn_in", x, 0, False)[0]
+    s = 0.9 * np.abs(x).max(-1, keepdims=True) / 7
+    np.testing.assert_allclose(y, np.clip(np.rint(x / s), -7, 7) * s, rtol=1e-12)
+    with pytest.raises(ValueError, match="dynamic_clip"):
+        QuantPlan(8, 8, dynamic_clip=0.9)
