@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 DEFAULT_CHUNK_ROWS = 2048
+HIDDEN_CHUNK_ROWS = 128  # (hidden, head) students: rows of logits formed at a time
 
 
 # --------------------------------------------------------------------------- logits sources
@@ -106,16 +107,32 @@ def ce_backward(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
     return ce_loss_and_grad(logits, targets, chunk_rows)[1]
 
 
+def _grad_target(src: _Rows, chunk_rows: int):
+    """Where the gradient goes: dlogits (N, V) for a logits array; for (hidden, head) a chunk
+    buffer for dlogits and dhidden (N, C) = dlogits @ head, row chunk by row chunk."""
+    if src.head is None:
+        return np.empty((src.n, src.vocab), dtype=src.dtype), None, chunk_rows
+    rows = min(chunk_rows, HIDDEN_CHUNK_ROWS)  # keep the (rows, V) temporaries cache-sized
+    return (np.empty((rows, src.vocab), dtype=src.dtype),
+            np.empty((src.n, src.flat.shape[1]), dtype=src.dtype), rows)
+
+
+def _finish(src, dlogits, dhidden):
+    if dhidden is None:
+        return dlogits.reshape(*src.lead, src.vocab)
+    return dhidden.reshape(*src.lead, dhidden.shape[1])
+
+
 def ce_loss_and_grad(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """(mean CE, dlogits) in one chunked pass. logits must be an array (the student's).
+    """(mean CE, gradient) in one chunked pass. logits: the student's logits array -> dlogits;
+    or (hidden, head) -> d hidden (..., C): the logits are then formed chunk by chunk and the
+    (N, V) gradient never exists whole.
 
     One exp per element: the gradient buffer holds exp(z - max) and is scaled in place into
     (softmax - onehot) / N; the loss uses log-sum-exp per row."""
     src = _Rows(logits)
-    if src.head is not None:
-        raise ValueError("ce_loss_and_grad needs the logits array (its gradient has that shape)")
     t = _check_targets(src, targets)
-    dlogits = np.empty((src.n, src.vocab), dtype=src.dtype)  # (N, V)
+    buf, dhidden, chunk_rows = _grad_target(src, chunk_rows)
     total = 0.0
     inv_n = 1.0 / max(src.n, 1)
     for i0 in range(0, src.n, chunk_rows):
@@ -123,7 +140,7 @@ def ce_loss_and_grad(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
         z = src.rows(i0, i1)  # (n, V)
         r = np.arange(i1 - i0)
         m = z.max(axis=-1, keepdims=True)  # (n, 1)
-        e = dlogits[i0:i1]
+        e = buf[i0:i1] if dhidden is None else buf[:i1 - i0]
         np.subtract(z, m, out=e)
         zt = e[r, t[i0:i1]].astype(np.float64)  # z_target - max, before exp
         np.exp(e, out=e)
@@ -131,7 +148,9 @@ def ce_loss_and_grad(logits, targets, chunk_rows=DEFAULT_CHUNK_ROWS):
         total -= float((zt - np.log(ssum[:, 0].astype(np.float64))).sum())
         e *= (inv_n / ssum).astype(e.dtype)
         e[r, t[i0:i1]] -= e.dtype.type(inv_n)
-    return total * inv_n, dlogits.reshape(*src.lead, src.vocab)
+        if dhidden is not None:
+            np.matmul(e, src.head, out=dhidden[i0:i1])  # (n, C)
+    return total * inv_n, _finish(src, buf, dhidden)
 
 
 # --------------------------------------------------------------------------- KL to the teacher
@@ -154,16 +173,15 @@ def kl_backward(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
 
 
 def kl_loss_and_grad(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
-    """(mean KL, dstudent_logits) in one chunked pass; student must be the logits array.
+    """(mean KL, gradient) in one chunked pass: student logits array -> dlogits; student
+    (hidden, head) -> d hidden (..., C), as ce_loss_and_grad.
 
     Per row, with lse = log-sum-exp: KL = sum_v p_v (zt_v - zq_v) + lse_q - lse_t (sum p = 1),
     so neither log-probability array is formed; one exp per element for each model."""
     s, t = _Rows(student), _Rows(teacher)
-    if s.head is not None:
-        raise ValueError("kl_loss_and_grad needs the student's logits array")
     if s.lead != t.lead or s.vocab != t.vocab:
         raise ValueError(f"student rows {s.lead}x{s.vocab} != teacher rows {t.lead}x{t.vocab}")
-    dlogits = np.empty((s.n, s.vocab), dtype=s.dtype)  # (N, V)
+    buf, dhidden, chunk_rows = _grad_target(s, chunk_rows)
     total = 0.0
     inv_n = 1.0 / max(s.n, 1)
     for i0 in range(0, s.n, chunk_rows):
@@ -175,11 +193,11 @@ def kl_loss_and_grad(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
         st = p.sum(axis=-1, keepdims=True)
         p /= st
         mq = zq.max(axis=-1, keepdims=True)
-        eq = dlogits[i0:i1]
+        eq = buf[i0:i1] if dhidden is None else buf[:i1 - i0]
         np.subtract(zq, mq, out=eq)
         np.exp(eq, out=eq)
         sq = eq.sum(axis=-1, keepdims=True)
-        d = zt - zq  # (n, V)
+        d = np.subtract(zt, zq, out=zt) if t.head is not None else zt - zq  # (n, V), own buffer
         cross = np.einsum("nv,nv->n", p, d).astype(np.float64)  # sum_v p (zt - zq)
         lse_q = mq[:, 0].astype(np.float64) + np.log(sq[:, 0].astype(np.float64))
         lse_t = mt[:, 0].astype(np.float64) + np.log(st[:, 0].astype(np.float64))
@@ -187,4 +205,6 @@ def kl_loss_and_grad(student, teacher, chunk_rows=DEFAULT_CHUNK_ROWS):
         eq /= sq
         eq -= p
         eq *= eq.dtype.type(inv_n)
-    return total * inv_n, dlogits.reshape(*s.lead, s.vocab)
+        if dhidden is not None:
+            np.matmul(eq, s.head, out=dhidden[i0:i1])  # (n, C)
+    return total * inv_n, _finish(s, buf, dhidden)

@@ -63,6 +63,7 @@ class TrainConfig:
     eps: float = 1e-8
     recompute: bool = False         # recompute each layer in backward (less memory)
     chunk_rows: int = losses.DEFAULT_CHUNK_ROWS
+    pool: int | None = 256          # KL: batches from a fixed pool of windows, teacher cached
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -92,7 +93,8 @@ class TrainConfig:
                     warmup=self.warmup, min_lr_ratio=float(self.min_lr_ratio), seed=int(self.seed),
                     space=self.space, betas=[float(b) for b in self.betas], eps=float(self.eps),
                     eval_every=int(self.eval_every), patience=self.patience,
-                    val_windows=val_windows, shapes=shapes)
+                    val_windows=val_windows, shapes=shapes,
+                    pool=self.pool if self.objective == "kl" else None)
 
 
 @dataclass
@@ -126,18 +128,44 @@ def lr_at(step: int, steps: int, lr: float, schedule: str, warmup: int, min_lr_r
 
 # --------------------------------------------------------------------------- losses of a step
 
-def _step_loss(qmodel, x, y, objective, teacher, cfg):
-    """Forward with a tape, the loss and its logits gradient, backward into qmodel.grads."""
-    tape = qmodel.forward_tape(x, recompute=cfg.recompute)
+class TeacherPool:
+    """KL training data: a fixed pool of windows (a seeded random subset of the non-overlapping
+    windows of the training data, at most `size`) whose FP32 teacher hidden states are computed
+    on first use and kept, so the teacher runs once per window instead of once per step."""
+
+    def __init__(self, train_ids, length: int, size: int, seed: int, teacher):
+        wins = cut_windows(train_ids, length, None, "train_ids")
+        pick = np.sort(np.random.default_rng(seed).permutation(len(wins))[:size])
+        self.windows = np.ascontiguousarray(wins[pick])  # (n, T+1)
+        self.teacher = teacher
+        self.hidden: dict[int, np.ndarray] = {}
+
+    def batch(self, rng, batch: int):
+        """(row indices, (batch, T+1) windows)."""
+        idx = rng.integers(0, len(self.windows), size=batch)
+        return idx, self.windows[idx]
+
+    def teacher_hidden(self, idx) -> np.ndarray:
+        todo = sorted({int(i) for i in idx} - set(self.hidden))
+        if todo:
+            h = self.teacher.forward(self.windows[todo, :-1], return_hidden=True)
+            self.hidden.update({i: h[j] for j, i in enumerate(todo)})
+        return np.stack([self.hidden[int(i)] for i in idx])  # (B, T, C)
+
+
+def _step_loss(qmodel, x, y, objective, teacher_hidden, teacher_head, cfg):
+    """Forward with a tape, the loss and its gradient at the final hidden state (the logits are
+    formed chunk by chunk inside the loss), backward into qmodel.grads."""
+    tape = qmodel.forward_tape(x, recompute=cfg.recompute, compute_logits=False)
+    student = (tape.hidden, qmodel.lm_head)
     if objective == "ce":
-        loss, dlogits = losses.ce_loss_and_grad(tape.logits, y, cfg.chunk_rows)
+        loss, dhidden = losses.ce_loss_and_grad(student, y, cfg.chunk_rows)
     else:
-        th = teacher.forward(x, return_hidden=True)  # (B, T, C)
-        loss, dlogits = losses.kl_loss_and_grad(tape.logits, (th, teacher.lm_head), cfg.chunk_rows)
-        del th
+        loss, dhidden = losses.kl_loss_and_grad(student, (teacher_hidden, teacher_head),
+                                                cfg.chunk_rows)
     if not math.isfinite(loss):
         raise FloatingPointError(f"training loss became {loss} (lr too high?)")
-    qmodel.backward(tape, dlogits)
+    qmodel.backward(tape, dhidden=dhidden)
     return loss
 
 
@@ -228,6 +256,8 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
         resumed_from = st["step"]
 
     teacher_cache: dict = {}
+    pool = (TeacherPool(train_ids, cfg.seqlen + 1, cfg.pool, cfg.seed, teacher)
+            if cfg.objective == "kl" and cfg.pool else None)
     done = st["step"] >= cfg.steps or st["stopped_early"]
 
     def evaluate(step):
@@ -263,10 +293,18 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
         while not done:
             step = st["step"]
             cur_lr = lr_at(step, cfg.steps, cfg.lr, cfg.schedule, cfg.warmup, cfg.min_lr_ratio)
-            w = sample_batch(rng, train_ids, cfg.batch, cfg.seqlen + 1)  # (B, T+1)
+            th = None
+            if pool is not None:
+                idx, w = pool.batch(rng, cfg.batch)  # (B, T+1)
+                th = pool.teacher_hidden(idx)
+            else:
+                w = sample_batch(rng, train_ids, cfg.batch, cfg.seqlen + 1)  # (B, T+1)
+                if cfg.objective == "kl":
+                    th = teacher.forward(w[:, :-1], return_hidden=True)  # (B, T, C)
             qmodel.zero_grad()
             try:
-                loss = _step_loss(qmodel, w[:, :-1], w[:, 1:], cfg.objective, teacher, cfg)
+                loss = _step_loss(qmodel, w[:, :-1], w[:, 1:], cfg.objective, th,
+                                  getattr(teacher, "lm_head", None), cfg)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e} at step {step} (lr {cur_lr:g})") from None
             t = step + 1

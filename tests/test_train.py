@@ -37,7 +37,11 @@ class _Teacher:
 class _Tape:
     x: np.ndarray
     h: np.ndarray
-    logits: np.ndarray
+    logits: np.ndarray | None
+
+    @property
+    def hidden(self):
+        return self.h
 
 
 class TinyQModel:
@@ -65,13 +69,13 @@ class TinyQModel:
         h = np.tanh(self.embed[ids] * self.gain)  # (B, T, C)
         return h if return_hidden else h @ self.lm_head.T
 
-    def forward_tape(self, ids, recompute=False):
+    def forward_tape(self, ids, recompute=False, compute_logits=True):
         x = self.embed[ids]
         h = np.tanh(x * self.gain)
-        return _Tape(x, h, h @ self.lm_head.T)
+        return _Tape(x, h, h @ self.lm_head.T if compute_logits else None)
 
-    def backward(self, tape, dlogits):
-        dh = dlogits @ self.lm_head  # (B, T, C)
+    def backward(self, tape, dlogits=None, *, dhidden=None):
+        dh = dlogits @ self.lm_head if dhidden is None else dhidden  # (B, T, C)
         dpre = dh * (1 - tape.h ** 2)
         dgain = (dpre * tape.x).sum(axis=(0, 1))
         self.grads["log_gain"] += (dgain * self.gain).astype(np.float32)
@@ -141,6 +145,26 @@ def test_kl_to_teacher_from_hidden_chunks_matches_dense_and_fd():
     assert losses.kl_forward(zt, zt) == pytest.approx(0.0, abs=1e-12)
     assert loss > 0
     _fd_check(lambda zz: losses.kl_forward(zz, zt), g, zs)
+
+
+@pytest.mark.parametrize("chunk", [3, 2048])
+def test_loss_gradients_through_the_head_equal_dlogits_at_head(chunk):
+    """Student given as (hidden, head): the gradient is d hidden = dlogits @ head, formed chunk by
+    chunk without the (N, V) array; the loss is the same."""
+    rng = np.random.default_rng(4)
+    h, th = rng.standard_normal((2, 5, 6)), rng.standard_normal((2, 5, 6))
+    head = rng.standard_normal((11, 6))
+    y = rng.integers(0, 11, (2, 5))
+    z = h @ head.T
+    teacher_logits = th @ head.T
+    keep = teacher_logits.copy()
+    for fn, other in ((losses.ce_loss_and_grad, y), (losses.kl_loss_and_grad, (th, head)),
+                      (losses.kl_loss_and_grad, teacher_logits)):
+        l1, g1 = fn(z, other, chunk)
+        l2, g2 = fn((h, head), other, chunk)
+        assert l2 == pytest.approx(l1, rel=1e-12) and g2.shape == h.shape
+        np.testing.assert_allclose(g2, g1 @ head, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(teacher_logits, keep)  # a teacher array is never written
 
 
 def test_losses_reject_bad_input():
@@ -243,8 +267,8 @@ class LinearGainQModel(TinyQModel):
             raise ValueError("x.gain must be > 0")
         self.gain = self.params["x.gain"]
 
-    def backward(self, tape, dlogits):
-        dh = dlogits @ self.lm_head
+    def backward(self, tape, dlogits=None, *, dhidden=None):
+        dh = dlogits @ self.lm_head if dhidden is None else dhidden
         self.grads["x.gain"] += ((dh * (1 - tape.h ** 2)) * tape.x).sum(axis=(0, 1)).astype(np.float32)
 
 
@@ -385,3 +409,30 @@ def test_resume_on_stories260k_is_bit_identical(stories_dir, assets, tmp_path):
     train_scales(q2, ids, checkpoint=tmp_path / "c.npz", resume=True, **common)
     for k in ref.params:
         np.testing.assert_array_equal(q2.params[k], ref.params[k], err_msg=k)
+
+
+def test_teacher_pool_runs_the_teacher_once_per_window():
+    from sasq.train import TeacherPool
+    q = TinyQModel()
+    calls = []
+    real = q.model.forward
+
+    def counting(ids, return_hidden=False, cache=None):
+        calls.append(len(ids))
+        return real(ids, return_hidden=return_hidden)
+
+    q.model.forward = counting
+    ids = _stream(600)
+    pool = TeacherPool(ids, 9, size=5, seed=0, teacher=q.model)
+    assert pool.windows.shape == (5, 9)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(20):
+        idx, w = pool.batch(rng, 3)
+        np.testing.assert_array_equal(w, pool.windows[idx])
+        th = pool.teacher_hidden(idx)
+        np.testing.assert_allclose(th, real(w[:, :-1], return_hidden=True), rtol=1e-6)
+        seen |= set(int(i) for i in idx)
+    assert sum(calls) == len(seen) <= 5  # each window's teacher state computed once
+    r = train_scales(TinyQModel(), ids, steps=6, objective="kl", pool=4, **KW)
+    assert r.steps == 6 and np.isfinite(r.final_loss)
