@@ -16,8 +16,10 @@ from sasq.methods import DEFAULT_BITS, METHODS
 
 def add_arguments(p):
     p.add_argument("--model", help="HF checkpoint dir or .gguf (default: bundled stories260K)")
-    p.add_argument("--train", help="training/calibration text (default: data-free samples)")
-    p.add_argument("--eval", help="evaluation text, e.g. wikitext-2 raw test.joined.txt")
+    p.add_argument("--train", help="training/calibration text: a corpus name (wikitext2:valid, "
+                   "ptb:train, c4:train; see docs/corpora.md) or a UTF-8 file (default: data-free samples)")
+    p.add_argument("--eval", help="evaluation text: a corpus name (wikitext2:test, ptb:test, "
+                   "c4:validation) or a UTF-8 file")
     p.add_argument("--bits", default=None,
                    help=f"comma list of W<b>A<b> (default {','.join(DEFAULT_BITS)}; --quick: W8A8,W4A8)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {','.join(METHODS)}")
@@ -26,6 +28,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help="training steps (default 100; data-free 40; --quick 20)")
     p.add_argument("--lr", type=float, default=3e-2, help="Adam lr on log-scales (default 3e-2)")
     p.add_argument("--seqlen", type=int, default=None, help="window length (default 512; data-free 128; --quick 64)")
+    p.add_argument("--eval-seqlen", type=int, default=None,
+                   help="evaluation window length (default: --seqlen; e.g. 2048 with training at 512)")
     p.add_argument("--batch", type=int, default=4, help="windows per training step (default 4)")
     p.add_argument("--calib-windows", type=int, default=None,
                    help="PTQ calibration windows (default 16; data-free 8; --quick 4)")
@@ -35,10 +39,13 @@ def add_arguments(p):
                    help="own-domain evaluation windows sampled from FP32 (default 32; data-free 16; --quick 8)")
     p.add_argument("--datafree-windows", type=int, default=None,
                    help="data-free training windows (default 128; data-free default run 64; --quick 48)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of calibration-window choice and training batches (default 0)")
     p.add_argument("--out", help="results directory (default ./results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster configuration")
-    p.add_argument("--threads", type=int, default=None, help="C kernel threads (sasq.set_num_threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the C kernels and of NumPy's BLAS (sasq.set_num_threads; "
+                        "default SASQ_NUM_THREADS or all cores)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (one line per cell still)")
 
 
@@ -61,6 +68,7 @@ def config_from_args(args) -> ExperimentConfig:
         steps=_pick(args.steps, 100 if not data_free else 40, 20, quick),
         lr=args.lr,
         seqlen=_pick(args.seqlen, 512 if not data_free else 128, 64, quick),
+        eval_seqlen=args.eval_seqlen,
         batch=args.batch,
         calib_windows=_pick(args.calib_windows, 16 if not data_free else 8, 4, quick),
         eval_windows=_pick(args.eval_windows, None, 16, quick),
@@ -86,9 +94,10 @@ def main(args) -> int:
     if args.threads is not None:
         from sasq import set_num_threads
         set_num_threads(args.threads)
-    for f in (cfg.train, cfg.eval):
-        if f and not Path(f).is_file():
-            raise FileNotFoundError(f"text file not found: {f}")
+    from sasq import corpora
+    for spec in (cfg.train, cfg.eval):
+        if spec:
+            corpora.resolve(spec)  # a missing corpus or file is reported before any work
     def log(*a):
         print(*a, file=sys.stderr, flush=True)
     doc = run_experiment(cfg, log=log)
