@@ -10,9 +10,14 @@ import sys
 
 COMMANDS = {
     "run": ("sasq.commands.run", "SASQ end to end: calibrate, train scales, compare baselines"),
-    "eval": ("sasq.commands.eval", "perplexity of a model on a text file"),
+    "eval": ("sasq.commands.eval", "perplexity of a model on a corpus or text file"),
+    "generate": ("sasq.commands.generate", "continue a prompt with an FP32 or fake-quant model"),
+    "plot": ("sasq.commands.plot", "PNG figures of a run: PPL/KL vs bits, loss curves, "
+                                   "activation ranges, sink profile, truncation, learned scales"),
+    "table": ("sasq.commands.table", "a run's results table, with external results merged in"),
     "convert-gguf": ("sasq.commands.convert_gguf", "GGUF file -> HF-style directory"),
 }
+RESUMABLE = ("run",)  # commands whose work survives an interruption (checkpoints, results.json)
 
 
 def main(argv=None) -> int:
@@ -34,7 +39,12 @@ def main(argv=None) -> int:
     args = cmd_parser.parse_args(argv[1:])
     try:
         return int(mod.main(args) or 0)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        # One-line errors for bad input; tracebacks are for bugs.
+    except KeyboardInterrupt:
+        # Ctrl-C: checkpoints and results are written atomically, so nothing is half-written.
+        hint = "; rerun the same command to resume" if name in RESUMABLE else ""
+        print(f"\nsasq {name}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError, ImportError, NotImplementedError) as e:
+        # One-line errors for bad input (and a missing optional extra); tracebacks are for bugs.
         print(f"sasq {name}: error: {e}", file=sys.stderr)
         return 1
