@@ -74,7 +74,7 @@ def check_identity(json_path, identity) -> dict | None:
     old = load_results(json_path)
     if old["meta"].get("identity") != identity:
         a, b = old["meta"].get("identity", {}), identity or {}
-        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        diff = sorted(k for k in set(a) | set(b) if (k in a) != (k in b) or a.get(k) != b.get(k))
         raise ValueError(f"{json_path} holds results of different settings "
                          f"({', '.join(diff)}); use another --out")
     return old
