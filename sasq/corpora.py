@@ -41,9 +41,9 @@ _SPLITS = {
 
 # corpus -> relative file names tried under every data directory ({split} = canonical split)
 LAYOUT = {
-    "wikitext2": ["wikitext-2/raw-v1/{split}.joined.txt", "wikitext2/{split}.txt"],
+    "wikitext2": ["wikitext-2/raw-v1/{split}.joined.txt"],
     "wikitext2-v1": ["wikitext-2/tokens-v1/{split}.txt"],
-    "ptb": ["ptb/{split}.joined.txt", "ptb/{split}.txt"],
+    "ptb": ["ptb/{split}.joined.txt"],
     "c4": ["c4/{shard}.gz", "c4/{shard}", "c4/en/{shard}.gz", "c4/en/{shard}"],
 }
 
