@@ -32,7 +32,8 @@ from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_ide
 
 OWN_DOMAIN = "own-domain (FP32 samples)"
 EVAL_BATCH = 4  # windows per perplexity forward (speed only; the numbers do not depend on it)
-IDENTITY_FIELDS = ("model", "train", "eval", "steps", "lr", "seqlen", "batch", "schedule", "calib_windows",
+IDENTITY_FIELDS = ("model", "train", "eval", "steps", "lr", "seqlen", "eval_seqlen", "batch", "schedule",
+                   "calib_windows",
                    "val_fraction", "val_windows", "evals_during_training", "eval_windows", "own_windows",
                    "datafree_windows", "temperature", "seed")
 
@@ -47,7 +48,8 @@ class ExperimentConfig:
     objectives: tuple = ("ce", "kl")
     steps: int = 100
     lr: float = 3e-2
-    seqlen: int = 512
+    seqlen: int = 512             # training, calibration and held-out windows
+    eval_seqlen: int | None = None  # evaluation windows (default: seqlen)
     batch: int = 4
     schedule: str = "cosine"
     calib_windows: int = 16
@@ -125,7 +127,7 @@ def prepare_data(cfg, model, out: Path, log) -> Data:
         evals[ec.key] = tokenize_corpus(model.tokenizer, ec.text)
         info[ec.key] = {"corpus": ec.name or ec.key, "source": ec.source, "text_sha256": ec.sha256}
     log(f"own-domain eval: sampling {cfg.own_windows} windows (seed {datafree.EVAL_SEED})")
-    own = _cached_samples(out / "datafree_eval.npy", model, cfg.own_windows, seqlen,
+    own = _cached_samples(out / "datafree_eval.npy", model, cfg.own_windows, cfg.eval_seqlen or seqlen,
                           datafree.EVAL_SEED, cfg.temperature, cfg.progress)
     evals[OWN_DOMAIN] = own.reshape(-1)
     return Data(train_ids, val_ids, calib, evals, trained_on, info)
@@ -154,6 +156,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     if model.tokenizer is None and (cfg.train or cfg.eval):
         raise ValueError(f"{model_dir}: no tokenizer files, cannot tokenize text")
     check_seqlen(model, cfg.seqlen, "--seqlen")
+    eval_seqlen = check_seqlen(model, cfg.eval_seqlen or cfg.seqlen, "--eval-seqlen")
     out = Path(cfg.out) if cfg.out else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     seqlen = cfg.seqlen
@@ -163,7 +166,8 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
 
     meta = {
         "model": str(model_dir), "model_name": model_dir.name if model_dir.name != "hf" else model_dir.parent.name,
-        "train": cfg.train, "eval": cfg.eval, "trained_on": trained_on, "seqlen": seqlen,
+        "train": cfg.train, "eval": cfg.eval, "trained_on": trained_on, "seqlen": eval_seqlen,
+        "train_seqlen": seqlen,
         "bits": bits, "evals": eval_names, "identity": cfg.identity(),
         "machine": platform.machine(), "numpy": np.__version__,
     }
@@ -174,7 +178,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     refs = {}
     for k, name in enumerate(eval_names):
         cap = cfg.eval_windows if name != OWN_DOMAIN else None
-        refs[name] = Reference.compute(model, evals[name], seqlen, cap, EVAL_BATCH, cfg.progress,
+        refs[name] = Reference.compute(model, evals[name], eval_seqlen, cap, EVAL_BATCH, cfg.progress,
                                        path=out / f"reference_{k}.npz")
     heldout = None
     if data.val_ids is not None:
@@ -182,7 +186,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
                                     EVAL_BATCH, cfg.progress, path=out / "reference_heldout.npz")
 
     def score(qm, name):
-        return sasq.perplexity(qm, refs[name].windows, seqlen, batch_size=EVAL_BATCH,
+        return sasq.perplexity(qm, refs[name].windows, eval_seqlen, batch_size=EVAL_BATCH,
                                progress=cfg.progress, reference=refs[name])
 
     fp32 = results.meta.get("fp32", {})
@@ -191,9 +195,9 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             t0 = time.perf_counter()
             r = score(model, name)
             fp32[name] = {"ppl": float(r.ppl), "nll": float(r.nll), "n_windows": int(r.n_windows),
-                          "available_windows": int(len(evals[name]) // seqlen),
+                          "available_windows": int(len(evals[name]) // eval_seqlen),
                           "seconds": time.perf_counter() - t0}
-            log(f"FP32 on {name}: PPL {r.ppl:.3f} ({r.n_windows} windows x {seqlen})")
+            log(f"FP32 on {name}: PPL {r.ppl:.3f} ({r.n_windows} windows x {eval_seqlen})")
     results.meta["fp32"] = fp32
     results.meta["evals"] = eval_names
     # What each number was measured on, for comparisons with other tools (sasq.external).
@@ -202,7 +206,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     results.meta["protocols"] = {
         name: make_protocol(corpus=data.corpora.get(name, {}).get("corpus", name),
                             text_sha256=data.corpora.get(name, {}).get("text_sha256"),
-                            tokens_sha256=tokens_sha256(evals[name]), seqlen=seqlen,
+                            tokens_sha256=tokens_sha256(evals[name]), seqlen=eval_seqlen,
                             n_windows=refs[name].windows.shape[0],
                             bos="per_window" if name == OWN_DOMAIN else bos)
         for name in eval_names}

@@ -184,7 +184,7 @@ def render_markdown(doc: dict) -> str:
     lines = [f"# sasq results: {meta.get('model_name', '?')}", ""]
     lines.append(f"- scales trained/calibrated on: **{meta.get('trained_on', '?')}**; "
                  f"steps {ident.get('steps')}, lr {ident.get('lr')}, "
-                 f"batch {ident.get('batch')} x seqlen {meta.get('seqlen')}")
+                 f"batch {ident.get('batch')} x seqlen {meta.get('train_seqlen', meta.get('seqlen'))}")
     for e in evals:
         f = fp32.get(e, {})
         lines.append(f"- eval **{e}**: FP32 PPL {_fmt_ppl(f.get('ppl'))}, "
