@@ -133,7 +133,7 @@ def bar(iterable=None, *, total=None, desc=None, disable=False, initial=0, unit=
     style = "off" if disable else _style(stream)
     if style == "lines":
         return LineBar(iterable, total=total, desc=desc, initial=initial, unit=unit, stream=stream)
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the terminal bar (tqdm.auto would pick a notebook widget and warn)
     tqdm_kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, total=total, desc=desc, disable=style == "off", initial=initial,
                 unit=unit, leave=leave, file=stream, **tqdm_kwargs)
