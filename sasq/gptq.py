@@ -243,7 +243,7 @@ def collect_hessians(model, windows, sites=("attn_in", "o_in", "mlp_in", "down_i
     """{(layer, site): H (C, C) float64} from the FP model's forward over token windows (n, T)
     (a 1-D array is one window); head_in is keyed by layer num_hidden_layers. Float64 H for
     every layer at once: SmolLM2-135M's four sites take about 0.8 GB."""
-    from tqdm.auto import tqdm
+    from sasq.progress import bar
 
     wins = np.asarray(windows)
     if wins.ndim == 1:
@@ -258,8 +258,7 @@ def collect_hessians(model, windows, sites=("attn_in", "o_in", "mlp_in", "down_i
     keys = [(nl, s) if s == "head_in" else (i, s) for s in dict.fromkeys(sites)
             for i in (range(1) if s == "head_in" else range(nl))]
     obs = HessianCollector(keys)
-    for b0 in tqdm(range(0, wins.shape[0], batch_size), desc="hessians", disable=not progress,
-                   leave=False):
+    for b0 in bar(range(0, wins.shape[0], batch_size), desc="hessians", disable=not progress):
         model.forward(wins[b0:b0 + batch_size], hook=obs, return_hidden=True)
     return {k: obs.hessian(k, inplace=True) for k in sorted(keys)}
 
@@ -271,13 +270,12 @@ def gptq_model_weights(model, hessians: dict, bits: int, block_size: int = 128,
     """{(layer, matrix): (codes, scales)} for the seven linear weights of every decoder layer,
     from hessians[(layer, site)] (MATRIX_SITES). The consumers of one site are rounded as one
     stacked matrix (the same H, and GPTQ treats rows independently). Never writes into model."""
-    from tqdm.auto import tqdm
+    from sasq.progress import bar
 
     grid.check_bits(bits)
     nl = model.config.num_hidden_layers
     out = {}
-    with tqdm(total=nl * len(SITE_MATRICES), desc=f"gptq w{bits}", disable=not progress,
-              leave=False) as bar:
+    with bar(total=nl * len(SITE_MATRICES), desc=f"gptq w{bits}", disable=not progress) as pbar:
         for i, lw in enumerate(model.layers):
             for site, names in SITE_MATRICES.items():
                 h = hessians.get((i, site))
@@ -294,5 +292,5 @@ def gptq_model_weights(model, hessians: dict, bits: int, block_size: int = 128,
                     r1 = r0 + m.shape[0]
                     out[(i, name)] = (codes[r0:r1].copy(), scales[r0:r1].copy())
                     r0 = r1
-                bar.update()
+                pbar.update()
     return out
