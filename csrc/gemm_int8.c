@@ -25,6 +25,7 @@
  * bounds the cache footprint for larger K).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#include <float.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -449,6 +450,43 @@ sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *
     sasq_status st = gemm_run(a, m, p, NULL, y, comb);
     free(comb);
     return st;
+}
+
+typedef struct {
+    float *y;
+    const float *a_scales;
+    int64_t m, n, rpc;
+} rows_job;
+
+static void rows_task(void *vctx, int64_t t) {
+    const rows_job *J = vctx;
+    int64_t r0 = t * J->rpc, r1 = r0 + J->rpc < J->m ? r0 + J->rpc : J->m;
+    for (int64_t i = r0; i < r1; i++) {
+        float s = J->a_scales[i], *yr = J->y + i * J->n;
+        for (int64_t j = 0; j < J->n; j++) yr[j] *= s;
+    }
+}
+
+sasq_status sasq_gemm_packed_f32_rows(const int8_t *a, int64_t m, const sasq_packed *p,
+                                      const float *a_scales, const float *w_scales, float *y) {
+    float amin = FLT_MAX, amax = 0.0f, wmin = FLT_MAX, wmax = 0.0f;
+    for (int64_t i = 0; i < m; i++) {
+        if (!(a_scales[i] > 0.0f && a_scales[i] <= FLT_MAX)) return SASQ_ERR_ARG;
+        amin = a_scales[i] < amin ? a_scales[i] : amin;
+        amax = a_scales[i] > amax ? a_scales[i] : amax;
+    }
+    for (int64_t j = 0; j < p->n; j++) {
+        wmin = w_scales[j] < wmin ? w_scales[j] : wmin;
+        wmax = w_scales[j] > wmax ? w_scales[j] : wmax;
+    }
+    /* float products are monotone: the extremes bound every a_scales[i] * w_scales[n] */
+    if (!sasq_linear_scale_ok(amin * wmin, p->k) || !sasq_linear_scale_ok(amax * wmax, p->k))
+        return SASQ_ERR_ARG;
+    sasq_status st = sasq_gemm_packed_f32(a, m, p, 1.0f, w_scales, y);
+    if (st != SASQ_OK) return st;
+    rows_job J = {y, a_scales, m, p->n, sasq_chunk_rows(m, p->n)};
+    sasq_parallel_for((m + J.rpc - 1) / J.rpc, rows_task, &J);
+    return SASQ_OK;
 }
 
 /* ---------------------------------------------------------------- measurement helpers */

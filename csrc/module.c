@@ -567,6 +567,76 @@ static PyObject *py_gemm_packed(PyObject *self, PyObject *args) {
     return gemm_packed_i32(ao, P);
 }
 
+static PyObject *py_quantize_dynamic(PyObject *self, PyObject *args) {
+    PyObject *xo;
+    int bits;
+    double clip;
+    if (!PyArg_ParseTuple(args, "Oid:quantize_dynamic", &xo, &bits, &clip)) return NULL;
+    PyArrayObject *x = check_array(xo, "x", NPY_FLOAT32, "float32", 1);
+    if (!x || check_bits(bits)) return NULL;
+    if (!(clip > 0.0 && clip <= 1.0)) {
+        PyErr_Format(PyExc_ValueError, "clip must be in (0, 1], got %R", PyTuple_GET_ITEM(args, 2));
+        return NULL;
+    }
+    int64_t cols = last_dim(x), rows = PyArray_SIZE(x) / cols;
+    PyArrayObject *q = new_like(x, NPY_INT8);
+    PyArrayObject *sc = q ? (PyArrayObject *)PyArray_SimpleNew(PyArray_NDIM(x) - 1, PyArray_DIMS(x), NPY_FLOAT32) : NULL;
+    if (!sc) { Py_XDECREF(q); return NULL; }
+    sasq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sasq_quantize_dynamic(PyArray_DATA(x), rows, cols, bits, (float)clip, PyArray_DATA(q),
+                               PyArray_DATA(sc));
+    Py_END_ALLOW_THREADS
+    if (raise_status(st, "quantize_dynamic")) { Py_DECREF(q); Py_DECREF(sc); return NULL; }
+    return Py_BuildValue("(NN)", q, sc);
+}
+
+/* linear_int8 with one activation scale per row of a_q (float32 1-D of length M). */
+static PyObject *py_linear_int8_rows(PyObject *self, PyObject *args) {
+    PyObject *ao, *so, *wso;
+    PackedObject *P;
+    if (!PyArg_ParseTuple(args, "OO!OO:linear_int8_rows", &ao, &PackedType, &P, &so, &wso))
+        return NULL;
+    npy_intp dims[NPY_MAXDIMS];
+    int nd;
+    int64_t m;
+    PyArrayObject *a = check_acts(ao, "a_q", &P->p, dims, &nd, &m);
+    if (!a) return NULL;
+    PyArrayObject *as = check_array(so, "a_scale", NPY_FLOAT32, "float32", 1);
+    PyArrayObject *ws = as ? check_array(wso, "w_scales", NPY_FLOAT32, "float32", 1) : NULL;
+    if (!ws) return NULL;
+    if (PyArray_NDIM(as) != 1 || PyArray_SIZE(as) != m) {
+        PyErr_Format(PyExc_ValueError, "a_scale must be one number or 1-D with one value per row "
+                     "of a_q (%lld)", (long long)m);
+        return NULL;
+    }
+    if (PyArray_NDIM(ws) != 1 || PyArray_SIZE(ws) != P->p.n) {
+        PyErr_Format(PyExc_ValueError, "w_scales must be 1-D of length N = %lld", (long long)P->p.n);
+        return NULL;
+    }
+    const float *wsp = PyArray_DATA(ws);
+    for (int64_t j = 0; j < P->p.n; j++) {
+        if (!(isfinite(wsp[j]) && wsp[j] > 0.0f)) {
+            PyErr_Format(PyExc_ValueError, "w_scales must be finite and > 0 (index %lld)", (long long)j);
+            return NULL;
+        }
+    }
+    PyArrayObject *y = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+    if (!y) return NULL;
+    sasq_status st;
+    Py_BEGIN_ALLOW_THREADS
+    st = sasq_gemm_packed_f32_rows(PyArray_DATA(a), m, &P->p, PyArray_DATA(as), wsp, PyArray_DATA(y));
+    Py_END_ALLOW_THREADS
+    if (st == SASQ_ERR_ARG) {
+        Py_DECREF(y);
+        PyErr_SetString(PyExc_ValueError, "a_scale * w_scales: every per-row product must be a "
+                        "normal float32 with 16384 * K * product finite (a_scale finite and > 0)");
+        return NULL;
+    }
+    if (raise_status(st, "linear_int8")) { Py_DECREF(y); return NULL; }
+    return (PyObject *)y;
+}
+
 static PyObject *py_linear_int8(PyObject *self, PyObject *args) {
     PyObject *ao, *wso;
     PackedObject *P;
@@ -642,8 +712,8 @@ static int check_factor(PyObject *o, const char *name, int64_t n, const float **
 
 static PyObject *py_fold_quant_weight(PyObject *self, PyObject *args) {
     PyObject *wo, *co, *ro;
-    int bits, want_codes;
-    if (!PyArg_ParseTuple(args, "OOOip:fold_quant_weight", &wo, &co, &ro, &bits, &want_codes))
+    int bits, mode; /* mode 0: fake-quant floats; 1: (codes, scales); 2: (floats, codes, scales) */
+    if (!PyArg_ParseTuple(args, "OOOii:fold_quant_weight", &wo, &co, &ro, &bits, &mode))
         return NULL;
     PyArrayObject *w = check_array(wo, "w", NPY_FLOAT32, "float32", 2);
     if (!w) return NULL;
@@ -651,8 +721,12 @@ static PyObject *py_fold_quant_weight(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "w must be 2-D (out, in), got %d dimensions", PyArray_NDIM(w));
         return NULL;
     }
+    if (mode < 0 || mode > 2) {
+        PyErr_Format(PyExc_ValueError, "mode must be 0, 1 or 2, got %d", mode);
+        return NULL;
+    }
     if (bits != 0 && check_bits(bits)) return NULL;
-    if (bits == 0 && want_codes) {
+    if (bits == 0 && mode) {
         PyErr_SetString(PyExc_ValueError, "codes need bits in [2, 8]");
         return NULL;
     }
@@ -660,24 +734,30 @@ static PyObject *py_fold_quant_weight(PyObject *self, PyObject *args) {
     const float *col, *row;
     if (check_factor(co, "col", cols, &col) || check_factor(ro, "row", rows, &row)) return NULL;
     npy_intp dv[1] = {rows};
-    PyArrayObject *out = new_like(w, want_codes ? NPY_INT8 : NPY_FLOAT32);
-    PyArrayObject *sc = want_codes ? (PyArrayObject *)PyArray_SimpleNew(1, dv, NPY_FLOAT32) : NULL;
-    if (!out || (want_codes && !sc)) { Py_XDECREF(out); Py_XDECREF(sc); return NULL; }
+    PyArrayObject *fq = mode != 1 ? new_like(w, NPY_FLOAT32) : NULL;
+    PyArrayObject *cd = mode ? new_like(w, NPY_INT8) : NULL;
+    PyArrayObject *sc = mode ? (PyArrayObject *)PyArray_SimpleNew(1, dv, NPY_FLOAT32) : NULL;
+    if ((mode != 1 && !fq) || (mode && (!cd || !sc))) {
+        Py_XDECREF(fq); Py_XDECREF(cd); Py_XDECREF(sc);
+        return NULL;
+    }
     sasq_status st;
     Py_BEGIN_ALLOW_THREADS
     st = sasq_fold_quant_weight(PyArray_DATA(w), rows, cols, col, row, bits,
-                                want_codes ? NULL : PyArray_DATA(out),
-                                want_codes ? PyArray_DATA(out) : NULL,
-                                want_codes ? PyArray_DATA(sc) : NULL);
+                                fq ? PyArray_DATA(fq) : NULL, cd ? PyArray_DATA(cd) : NULL,
+                                sc ? PyArray_DATA(sc) : NULL);
     Py_END_ALLOW_THREADS
-    if (st == SASQ_ERR_NONFINITE) {
-        Py_DECREF(out); Py_XDECREF(sc);
-        PyErr_SetString(PyExc_ValueError, "fold_quant_weight: w (after the fold) has NaN or inf");
+    if (st != SASQ_OK) {
+        Py_XDECREF(fq); Py_XDECREF(cd); Py_XDECREF(sc);
+        if (st == SASQ_ERR_NONFINITE)
+            PyErr_SetString(PyExc_ValueError, "fold_quant_weight: w (after the fold) has NaN or inf");
+        else
+            raise_status(st, "fold_quant_weight");
         return NULL;
     }
-    if (raise_status(st, "fold_quant_weight")) { Py_DECREF(out); Py_XDECREF(sc); return NULL; }
-    if (!want_codes) return (PyObject *)out;
-    return Py_BuildValue("(NN)", out, sc);
+    if (mode == 0) return (PyObject *)fq;
+    if (mode == 1) return Py_BuildValue("(NN)", cd, sc);
+    return Py_BuildValue("(NNN)", fq, cd, sc);
 }
 
 /* ---------------------------------------------------------------- threads, ISA, measurement */
@@ -784,8 +864,12 @@ static PyMethodDef methods[] = {
     {"gemm_packed", py_gemm_packed, METH_VARARGS, "gemm_packed(a, packed) -> int32"},
     {"linear_int8", py_linear_int8, METH_VARARGS,
      "linear_int8(a_q, packed, a_scale, w_scales) -> float32"},
+    {"quantize_dynamic", py_quantize_dynamic, METH_VARARGS,
+     "quantize_dynamic(x, bits, clip) -> (int8 codes, float32 per-row scales)"},
+    {"linear_int8_rows", py_linear_int8_rows, METH_VARARGS,
+     "linear_int8_rows(a_q, packed, a_scales (M,) float32, w_scales) -> float32"},
     {"fold_quant_weight", py_fold_quant_weight, METH_VARARGS,
-     "fold_quant_weight(w, col|None, row|None, bits (0: fold only), want_codes) -> fq | (codes, scales)"},
+     "fold_quant_weight(w, col|None, row|None, bits (0: fold only), mode) -> fq | (codes, scales) | (fq, codes, scales)"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n)"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"available_isas", py_available_isas, METH_NOARGS, "available_isas() -> list[str]"},

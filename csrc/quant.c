@@ -155,3 +155,50 @@ void sasq_fake_quant(const float *x, const float *scale, int64_t s_stride, int64
                      int64_t cols, int bits, float *y) {
     ew_run(2, x, scale, s_stride, rows, cols, bits, y);
 }
+
+/* ---- dynamic per-row (per-token) quantization: the scale is computed here, at run time ----
+ * s_row = (clip * absmax(row)) / qmax (absmax alone when clip == 1; 1 for an all-zero row), the
+ * float32 operations of sasq.sites.DynamicQuant; q = clamp(rint(x / s_row)). */
+typedef struct {
+    const float *x;
+    int64_t rows, cols, rpc;
+    int bits;
+    float clip;
+    int8_t *q;
+    float *s;
+    int bad;
+} dyn_job;
+
+static void dyn_task(void *vctx, int64_t t) {
+    dyn_job *J = vctx;
+    const float qm = (float)sasq_qmax(J->bits);
+    int64_t r0 = t * J->rpc, r1 = r0 + J->rpc < J->rows ? r0 + J->rpc : J->rows;
+    int bad = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *xr = J->x + r * J->cols;
+        float amax = 0.0f;
+        for (int64_t c = 0; c < J->cols; c++) {
+            float a = fabsf(xr[c]);
+            bad |= !(a <= FLT_MAX);
+            amax = a > amax ? a : amax;
+        }
+        float sc = (J->clip == 1.0f ? amax : amax * J->clip) / qm;
+        sc = sc > 0.0f ? sc : 1.0f;
+        J->s[r] = sc;
+        int8_t *qr = J->q + r * J->cols;
+        for (int64_t c = 0; c < J->cols; c++) {
+            float u = clampq(rintf(xr[c] / sc), qm);
+            qr[c] = (int8_t)(int)(u == u ? u : 0.0f);
+        }
+    }
+    if (bad) __atomic_store_n(&J->bad, 1, __ATOMIC_RELAXED);
+}
+
+sasq_status sasq_quantize_dynamic(const float *x, int64_t rows, int64_t cols, int bits, float clip,
+                                  int8_t *q, float *scales) {
+    if (rows <= 0 || cols <= 0 || bits < 2 || bits > 8 || !(clip > 0.0f && clip <= 1.0f))
+        return SASQ_ERR_ARG;
+    dyn_job J = {x, rows, cols, sasq_chunk_rows(rows, cols), bits, clip, q, scales, 0};
+    sasq_parallel_for((rows + J.rpc - 1) / J.rpc, dyn_task, &J);
+    return J.bad ? SASQ_ERR_NONFINITE : SASQ_OK;
+}

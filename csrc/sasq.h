@@ -72,6 +72,10 @@ static inline int sasq_linear_scale_ok(float comb, int64_t k) {
 /* q = clamp(rint(x / s), -qmax, qmax); SASQ_ERR_NONFINITE if any x is NaN/inf (q then undefined). */
 sasq_status sasq_quantize(const float *x, const float *scale, int64_t s_stride, int64_t rows,
                           int64_t cols, int bits, int8_t *q);
+/* Per-row dynamic quantization: scales[r] = clip * absmax(row r) / qmax (1 for a zero row),
+ * q = clamp(rint(x / scales[r])); SASQ_ERR_NONFINITE on a NaN/inf, SASQ_ERR_ARG on bad bits/clip. */
+sasq_status sasq_quantize_dynamic(const float *x, int64_t rows, int64_t cols, int bits, float clip,
+                                  int8_t *q, float *scales);
 /* x = q * s */
 void sasq_dequantize(const int8_t *q, const float *scale, int64_t s_stride, int64_t rows,
                      int64_t cols, float *x);
@@ -151,6 +155,11 @@ sasq_status sasq_gemm_packed_i32(const int8_t *a, int64_t m, const sasq_packed *
  * SASQ_ERR_ARG (nothing written) unless every product passes sasq_linear_scale_ok. */
 sasq_status sasq_gemm_packed_f32(const int8_t *a, int64_t m, const sasq_packed *p, float a_scale,
                                  const float *w_scales, float *y);
+/* The same with one activation scale per row (sink rows, per-token scales):
+ * y[i, n] = (float(acc) * w_scales[n]) * a_scales[i]; SASQ_ERR_ARG unless every w_scales[n] and
+ * every product a_scales[i] * w_scales[n] passes sasq_linear_scale_ok (checked at the extremes). */
+sasq_status sasq_gemm_packed_f32_rows(const int8_t *a, int64_t m, const sasq_packed *p,
+                                      const float *a_scales, const float *w_scales, float *y);
 
 /* Measurement helpers for the benchmark. */
 /* int8 GOP/s of a register-only vpdpbusd loop on `threads` threads for ~`seconds`, by wall clock

@@ -11,10 +11,13 @@ import sys
 COMMANDS = {
     "run": ("sasq.commands.run", "SASQ end to end: calibrate, train scales, compare baselines"),
     "eval": ("sasq.commands.eval", "perplexity of a model on a corpus or text file"),
-    "generate": ("sasq.commands.generate", "continue a prompt with an FP32 or fake-quant model"),
+    "generate": ("sasq.commands.generate", "continue a prompt with an FP32, fake-quant or exported "
+                                           "integer model"),
     "plot": ("sasq.commands.plot", "PNG figures of a run: PPL/KL vs bits, loss curves, "
                                    "activation ranges, sink profile, truncation, learned scales"),
     "table": ("sasq.commands.table", "a run's results table, with external results merged in"),
+    "export": ("sasq.commands.export", "a quantized model -> an integer-model directory "
+                                       "(compressed-tensors + sasq extensions)"),
     "convert-gguf": ("sasq.commands.convert_gguf", "GGUF file -> HF-style directory"),
 }
 RESUMABLE = ("run",)  # commands whose work survives an interruption (checkpoints, results.json)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sasq import layers as L
+from sasq.qtensor import linear
 from sasq.sampling import sample_rows
 
 
@@ -379,6 +380,7 @@ class LlamaModel:
         # A rotated model (sasq.rotate) applies an orthonormal Hadamard to the SwiGLU output before
         # the "down_in" site (its transpose is fused into down_proj): part of its function.
         self.online_down = online_down
+        self.int8_weights = None  # (layer, matrix) -> (PackedWeights, scales): see _linear
         self._rope = {}
 
     # ---------------------------------------------------------------- construction
@@ -473,6 +475,12 @@ class LlamaModel:
 
     # ---------------------------------------------------------------- one decoder layer
 
+    def _linear(self, i, name, x, w):
+        """x @ w.T, through the INT8 GEMM when this model has packed int8 weights (a static
+        deployable QuantModel's deploy; sasq.qtensor) and x carries its codes."""
+        packed = self.int8_weights.get((i, name)) if self.int8_weights else None
+        return linear(x, w, packed) if packed is not None else L.linear_forward(np.asarray(x), w)
+
     def _layer_forward(self, i, x, cos, sin, hook, cache=None, keep=False, pos=0):
         """x (B, T, C) at positions pos.. -> (B, T, C); returns (x_out, saved dict or None)."""
         c, w = self.config, self.layers[i]
@@ -489,9 +497,9 @@ class LlamaModel:
         # attention block
         h, n1 = L.rmsnorm_forward(x, w.input_layernorm, c.rms_norm_eps)  # (B, T, C)
         h = at("attn_in", h)
-        q = L.linear_forward(h, w.q_proj).reshape(B, T, H, hd)
-        k = L.linear_forward(h, w.k_proj).reshape(B, T, KVH, hd)
-        v = L.linear_forward(h, w.v_proj)  # (B, T, KVH*hd)
+        q = self._linear(i, "q_proj", h, w.q_proj).reshape(B, T, H, hd)
+        k = self._linear(i, "k_proj", h, w.k_proj).reshape(B, T, KVH, hd)
+        v = self._linear(i, "v_proj", h, w.v_proj)  # (B, T, KVH*hd)
         del h
         q = L.rope_forward(q, cos, sin)  # (B, T, H, hd)
         k = L.rope_forward(k, cos, sin).reshape(B, T, KVH * hd)
@@ -507,14 +515,14 @@ class LlamaModel:
         o = np.ascontiguousarray(att.transpose(0, 3, 1, 2, 4)).reshape(B, T, H * hd)
         del att
         o = at("o_in", o)
-        x_mid = x + L.linear_forward(o, w.o_proj)  # (B, T, C)
+        x_mid = x + self._linear(i, "o_proj", o, w.o_proj)  # (B, T, C)
         del o
 
         # MLP block
         h2, n2 = L.rmsnorm_forward(x_mid, w.post_attention_layernorm, c.rms_norm_eps)
         h2 = at("mlp_in", h2)
-        gate = L.linear_forward(h2, w.gate_proj)  # (B, T, I)
-        up = L.linear_forward(h2, w.up_proj)  # (B, T, I)
+        gate = self._linear(i, "gate_proj", h2, w.gate_proj)  # (B, T, I)
+        up = self._linear(i, "up_proj", h2, w.up_proj)  # (B, T, I)
         del h2
         d = L.swiglu_forward(gate, up)  # (B, T, I)
         if not keep:
@@ -522,7 +530,7 @@ class LlamaModel:
         if self.online_down:
             d = online_hadamard(d)  # d H^T (sasq.rotate); down_proj holds W H^T
         d = at("down_in", d)
-        x_out = L.linear_forward(d, w.down_proj)
+        x_out = self._linear(i, "down_proj", d, w.down_proj)
         del d
         x_out += x_mid
         if not keep:

@@ -44,7 +44,7 @@ from sasq import _C, blas, grid
 from sasq import hadamard as hadamard_mod
 
 __all__ = [
-    "quantize", "dequantize", "fake_quant", "fake_quant_backward",
+    "quantize", "quantize_dynamic", "dequantize", "fake_quant", "fake_quant_backward",
     "truncate", "truncate_backward", "truncate_quantize",
     "hadamard", "hadamard_quantize", "hadamard_fake_quant",
     "fold_quant_weight", "fold_quantize_weight",
@@ -106,6 +106,13 @@ def quantize(x: np.ndarray, scale, bits: int = 8) -> np.ndarray:
     finite scale > 0 is accepted (an overflowing x / scale saturates, which is exact)."""
     s, _ = _vec(scale, "scale")
     return _C.quantize(x, s, _bits(bits))
+
+
+def quantize_dynamic(x: np.ndarray, bits: int = 8, clip: float = 1.0):
+    """Per-row (per-token) dynamic quantization: (int8 codes (..., C), float32 scales (...,)) with
+    scale = clip * absmax(row) / qmax (1 for an all-zero row), the float32 arithmetic of the
+    fake-quant DynamicQuant stage; ValueError if x has NaN or inf."""
+    return _C.quantize_dynamic(x, _bits(bits), _real(clip, "clip"))
 
 
 def dequantize(q: np.ndarray, scale) -> np.ndarray:
@@ -196,13 +203,19 @@ def fold_quant_weight(w: np.ndarray, bits: int | None, col=None, row=None) -> np
     zero row), scale * clamp(rint(w'/scale), -qmax, qmax). bits None: the fold alone. Factors must
     be finite and > 0; a non-finite folded weight is a ValueError."""
     return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
-                                0 if bits is None else _bits(bits), False)
+                                0 if bits is None else _bits(bits), 0)
 
 
 def fold_quantize_weight(w: np.ndarray, bits: int, col=None, row=None):
     """(codes int8 (out, in), scales float32 (out,)) of fold_quant_weight: fq = codes * scales."""
     return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
-                                _bits(bits), True)
+                                _bits(bits), 1)
+
+
+def fold_quant_weight_codes(w: np.ndarray, bits: int, col=None, row=None):
+    """(fake-quant float32, int8 codes, scales) of fold_quant_weight in one pass."""
+    return _C.fold_quant_weight(w, _factor(col, "col", None), _factor(row, "row", None),
+                                _bits(bits), 2)
 
 
 # ---------------------------------------------------------------- Hadamard rotation
@@ -329,12 +342,16 @@ def linear_int8(a_q: np.ndarray, packed: PackedWeights, a_scale: float, w_scales
     a_scale: one real number (a Python/NumPy scalar or 0-d array; bool, str and bytes are a
     TypeError), finite and > 0 in float32. w_scales: (N,) finite and > 0. The combined scale
     c_n = float32(a_scale) * w_scales[n] must be a normal float32 and 16384 * K * c_n finite;
-    otherwise ValueError naming a_scale and w_scales (the output could overflow, or be 0 * inf)."""
+    otherwise ValueError naming a_scale and w_scales (the output could overflow, or be 0 * inf).
+
+    a_scale may also be 1-D with one value per row of a_q (M = a_q.size // K): per-row static
+    scales (sink positions) or per-token dynamic ones; then y = (acc * w_scales[n]) * a_scale[row]
+    (two float32 roundings) and every product must pass the same rule."""
     _check_packed(packed)
     a, scalar = _vec(a_scale, "a_scale")
-    if not scalar:
-        raise ValueError(f"a_scale must be one number (per-tensor), got shape {np.shape(a_scale)}")
     ws, _ = _vec(w_scales, "w_scales")
+    if not scalar:  # one scale per row of a_q: (float(acc) * w_scales[n]) * a_scale[row]
+        return _C.linear_int8_rows(a_q, packed, a, ws)
     return _C.linear_int8(a_q, packed, float(a[0]), ws)
 
 

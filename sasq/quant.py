@@ -24,7 +24,7 @@ import dataclasses
 import numpy as np
 
 from sasq.model import ActivationHook
-from sasq.plan import HEAD_SITE, KV_SITES, QuantPlan
+from sasq.plan import HEAD_SITE, KV_SITES, LINEAR_SITES, QuantPlan
 from sasq.sites import Site, SiteSpec, tie_expand
 from sasq.rotate import rotated
 from sasq.transforms import WEIGHT_NAMES, fake_quant_model, quantized_weights
@@ -108,6 +108,12 @@ class QuantModel:
                     self.smooth[s.key] = np.ones(n, self.dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.gptq: dict | None = None  # (layer, matrix) -> (codes, scales), set by calibrate
+        # A deployable float32 plan runs its linears through the INT8 GEMM (sasq.qtensor): the
+        # forward is then the deployed engine's, number for number; the backward stays float.
+        from sasq.exporter import deployable_problem
+        self.int8 = self.dtype == np.float32 and deployable_problem(plan) is None
+        for s in self.sites.values():
+            s.emit_codes = self.int8 and s.name in LINEAR_SITES
         self.initialized = not self.needs_calibration
         self._memo: dict = {}
         self._sync()
@@ -182,14 +188,8 @@ class QuantModel:
         for s in self.sites.values():
             if s.name == "v_cache" and f"layers.{s.layer}.o_in" in folds:
                 s.sync(folds[f"layers.{s.layer}.o_in"])  # v arrives divided: scale s_v / f_o
-        fixed = None
-        if self.gptq is not None:
-            fixed = {k: (c.astype(self.dtype) * s.astype(self.dtype)[:, None])
-                     for k, (c, s) in self.gptq.items()} if "fixed" not in self._memo else \
-                self._memo["fixed"]
-            self._memo["fixed"] = fixed
-        self.deploy = fake_quant_model(self.model, folds, self.plan.w_bits,
-                                       self.plan.quant_head, memo=self._memo, fixed=fixed)
+        self.deploy = fake_quant_model(self.model, folds, self.plan.w_bits, self.plan.quant_head,
+                                       memo=self._memo, fixed=self.gptq, int8=self.int8)
 
     def quantized_weights(self) -> dict:
         """(layer, matrix) -> (int8 codes (out, in), float32 scales (out,)) of the deployed

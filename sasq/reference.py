@@ -47,6 +47,16 @@ def quantize(x, scale, bits=8):  # (..., C) -> int8 (..., C)
     return np.clip(np.rint(x / _p(scale, x.dtype)), -qm, qm).astype(np.int8)
 
 
+def quantize_dynamic(x, bits=8, clip=1.0):  # (..., C) -> (int8 (..., C), scales (...,))
+    if not np.all(np.isfinite(x)):
+        raise ValueError("quantize_dynamic: x contains NaN or inf")
+    qm = qmax(bits)
+    a = np.abs(x).max(axis=-1)
+    s = (a if clip == 1 else a * x.dtype.type(clip)) / x.dtype.type(qm)
+    s = np.where(s > 0, s, 1).astype(x.dtype)
+    return np.clip(np.rint(x / s[..., None]), -qm, qm).astype(np.int8), s
+
+
 def dequantize(q, scale, dtype=np.float32):
     _check_top(scale, 128, dtype)
     return q.astype(dtype) * _p(scale, dtype)
@@ -159,6 +169,11 @@ def fold_quant_weight(w, bits, col=None, row=None):
     return q
 
 
+def fold_quant_weight_codes(w, bits, col=None, row=None):
+    codes, scale = fold_quantize_weight(w, bits, col, row)
+    return codes.astype(w.dtype) * scale[:, None], codes, scale
+
+
 def fold_quantize_weight(w, bits, col=None, row=None):
     w = _fold(w, col, row)
     if not np.all(np.isfinite(w)):
@@ -211,7 +226,17 @@ def pack_weights(w_int8):
 
 def linear_int8(a_q, packed, a_scale, w_scales):
     """The combined scale must be a normal float32 with LINEAR_MAX_ACC * K * comb finite (the
-    rule of sasq.ops.linear_int8): no output overflows, none is 0 * inf."""
+    rule of sasq.ops.linear_int8): no output overflows, none is 0 * inf. A 1-D a_scale holds one
+    scale per row: (acc * w_scales) * a_scale[row]."""
+    if np.ndim(a_scale) == 1:
+        ws = np.asarray(w_scales, dtype=np.float32)
+        rows = np.asarray(a_scale, dtype=np.float32)
+        for extreme in (rows.min() * ws.min(), rows.max() * ws.max()):
+            linear_int8(np.zeros((1, np.shape(packed)[-1]), np.int8), packed, extreme, ws[:1] * 0 + 1)
+        acc = gemm_int8(a_q, packed).astype(np.float32)  # (..., N)
+        y = (acc * ws).reshape(-1, ws.size)
+        y *= rows[:, None]
+        return y.reshape(acc.shape)
     with np.errstate(over="ignore", under="ignore"):
         comb = np.float32(a_scale) * np.asarray(w_scales, dtype=np.float32)
     k = np.shape(packed)[-1]

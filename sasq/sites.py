@@ -39,6 +39,7 @@ import numpy as np
 
 from sasq import grid
 from sasq.layers import sigmoid
+from sasq.qtensor import QActivation
 
 TRUNC_INIT = 0.9  # truncation starts at t = 0.9 c: identity on the bulk
 RHO_INIT = math.log(TRUNC_INIT / (1 - TRUNC_INIT))
@@ -224,6 +225,7 @@ class Site:
         self.per_channel, self.folded, self.truncation = per_channel, folded, truncation
         self.log, self.lsq, self.dtype = log, lsq, np.dtype(dtype)
         self.sink = sink if kind != "dynamic" else 0
+        self.emit_codes = False  # set by QuantModel: return int8 codes for an INT8 GEMM
         self.stages = stage_table(kind, truncation)
         self.params: dict[str, np.ndarray] = {}
         pre = "log_" if log else ""
@@ -343,6 +345,8 @@ class Site:
         """x (B, T, C) at positions pos.. -> (y, ctx): ctx (the input, pos) when keep."""
         if self.kind != "dynamic":
             x = np.ascontiguousarray(x)
+        if self.emit_codes:
+            return self._forward_codes(x, pos), ((x, pos) if keep else None)
         y = x
         for stage in self.stages:
             y = stage.forward(y, self)
@@ -354,6 +358,31 @@ class Site:
                 y[:, j] = (xj if self.kind == "control" else
                            _backend(x.dtype).fake_quant(xj, self.s_sink[pos + j], self.bits))
         return y, ((x, pos) if keep else None)
+
+    def _forward_codes(self, x, pos):
+        """The same values as the stage table, computed as int8 codes first (the deployed
+        engine's kernels: quantize / truncate_quantize / quantize_dynamic), returned as a
+        QActivation that the next linear runs through the INT8 GEMM."""
+        from sasq import ops
+        if self.kind == "dynamic":
+            codes, s = ops.quantize_dynamic(np.ascontiguousarray(x), self.bits, self.clip)
+            return QActivation.wrap(codes.astype(x.dtype) * s[..., None], codes, s.reshape(-1))
+        s = float(self.applied_scale)
+        if self.truncation:
+            codes = ops.truncate_quantize(x, self.t, s, self.bits)
+        else:
+            codes = ops.quantize(x, s, self.bits)
+        y = codes.astype(x.dtype) * x.dtype.type(s)
+        n_s = self._n_sink(pos, x.shape[1])
+        if not n_s:
+            return QActivation.wrap(y, codes, s)
+        rows = np.full(x.shape[:-1], s, np.float32)  # (B, T)
+        for j in range(n_s):
+            sj = self.s_sink[pos + j]
+            codes[:, j] = ops.quantize(np.ascontiguousarray(x[:, j]), sj, self.bits)
+            y[:, j] = codes[:, j].astype(x.dtype) * sj
+            rows[:, j] = sj
+        return QActivation.wrap(y, codes, rows.reshape(-1))
 
     def backward(self, ctx, g: np.ndarray, grads: dict) -> np.ndarray:
         """g at the output -> g at the input; parameter gradients are added into grads.

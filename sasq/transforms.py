@@ -92,32 +92,44 @@ def fold_norm(g: np.ndarray, f) -> np.ndarray:
 
 
 def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = False,
-                     memo: dict | None = None, fixed: dict | None = None):
+                     memo: dict | None = None, fixed: dict | None = None, int8: bool = False):
     """The model with `folds` applied and its linear weights rounded (RTN per output channel,
     after the fold); lm_head is rounded only with quant_head. `fixed` ((layer, matrix) -> weight)
-    replaces the rounding of those matrices (GPTQ; no fold may touch them). `memo` (optional,
-    owned by the caller) maps (layer, matrix) -> (factors' bytes, result) and skips matrices whose
-    factors did not change since the last call; the result never depends on it."""
+    replaces the rounding of those matrices (GPTQ; no fold may touch them, fixed[k] = (codes,
+    scales)). `memo` (optional, owned by the caller) maps (layer, matrix) -> (factors' bytes,
+    result) and skips matrices whose factors did not change since the last call; the result never
+    depends on it. int8=True (float32, w_bits set): the model also gets `int8_weights`, every
+    linear's codes packed for sasq.ops.linear_int8 with its scales (sasq.qtensor)."""
     dt = model.dtype
     cfg = model.config
+    int8 = int8 and w_bits is not None and dt == np.float32
+    packed = {}
     layers = []
     for i, lw in enumerate(model.layers):
         new = {}
         for name in WEIGHT_NAMES:
             col, row = matrix_factors(folds, i, name, cfg)
-            if fixed is not None and (i, name) in fixed:
-                if col is not None or row is not None:
-                    raise ValueError(f"layer {i} {name}: a fixed (GPTQ) weight cannot be folded")
-                new[name] = np.ascontiguousarray(fixed[(i, name)], dtype=dt)
-                continue
-            sig = (None if col is None else col.tobytes(), None if row is None else row.tobytes())
+            sig = (None if col is None else col.tobytes(), None if row is None else row.tobytes(),
+                   int8)
             hit = memo.get((i, name)) if memo is not None else None
             if hit is not None and hit[0] == sig:
-                new[name] = hit[1]
-                continue
-            new[name] = fold_quant_matrix(getattr(lw, name), col, row, w_bits, dt)
+                new[name], p = hit[1], hit[2]
+            elif fixed is not None and (i, name) in fixed:
+                if col is not None or row is not None:
+                    raise ValueError(f"layer {i} {name}: a fixed (GPTQ) weight cannot be folded")
+                codes, scales = fixed[(i, name)]
+                new[name] = np.ascontiguousarray(codes.astype(dt) * scales.astype(dt)[:, None])
+                p = _pack(codes, scales) if int8 else None
+            elif int8:
+                w = np.ascontiguousarray(getattr(lw, name), dtype=dt)
+                new[name], codes, scales = _kernels(dt).fold_quant_weight_codes(w, w_bits, col, row)
+                p = _pack(codes, scales)
+            else:
+                new[name], p = fold_quant_matrix(getattr(lw, name), col, row, w_bits, dt), None
             if memo is not None:
-                memo[(i, name)] = (sig, new[name])
+                memo[(i, name)] = (sig, new[name], p)
+            if p is not None:
+                packed[(i, name)] = p
         for name, site in NORM_FOLDS.items():
             new[name] = np.asarray(fold_norm(getattr(lw, name), folds.get(f"layers.{i}.{site}")), dt)
         layers.append(type(lw)(**new))
@@ -133,7 +145,14 @@ def fake_quant_model(model, folds: dict, w_bits: int | None, quant_head: bool = 
             if memo is not None:
                 memo["lm_head"] = (sig, head)
         fields.update(norm=np.asarray(fold_norm(model.norm, fh), dt), lm_head=head)
-    return model.copy_with(**fields)
+    out = model.copy_with(**fields)
+    out.int8_weights = packed or None
+    return out
+
+
+def _pack(codes, scales):
+    from sasq import ops
+    return ops.pack_weights(np.ascontiguousarray(codes, np.int8)), np.asarray(scales, np.float32)
 
 
 def fold_norms(model, dtype=None):

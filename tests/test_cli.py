@@ -121,10 +121,21 @@ def test_generate_fp32_fake_quant_and_trained(trained_run, capsys):
     assert out.split("--- FP32\n")[1].strip() == fp32  # greedy FP32 is the same text
 
 
-def test_generate_refuses_an_engine_dir_until_the_engine_exists(tmp_path, capsys):
-    (tmp_path / "sasq_engine.json").write_text("{}")
-    assert main(["generate", "--model", str(tmp_path)]) == 1
-    assert "needs sasq.engine" in capsys.readouterr().err
+def test_export_then_generate_on_the_engine(tmp_path, capsys):
+    out = tmp_path / "int8"
+    assert main(["export", "--method", "static_channel_sink", "--bits", "W8A8", "--calib-windows", "2",
+                 "--seqlen", "32", "--out", str(out)]) == 0
+    assert "exported" in capsys.readouterr().out
+    assert main(["generate", "--model", str(out), "--prompt", "Once upon", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "[static engine]" in captured.err and captured.out.startswith("Once upon ")
+    assert main(["export", "--method", "static_channel_sink", "--out", str(out)]) == 1  # exists
+    assert "exists" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "sasq_engine.json").write_text("{}")
+    assert main(["generate", "--model", str(bad)]) == 1  # a broken export: one line, no traceback
+    assert "config.json" in capsys.readouterr().err
 
 
 def test_table_with_an_eval_json_merged(trained_run, tmp_path, stories_dir, capsys):

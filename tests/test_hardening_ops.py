@@ -145,7 +145,7 @@ X = np.linspace(-2, 2, 8, dtype=np.float32).reshape(2, 4)
 
 @pytest.mark.parametrize("bad,exc", [
     (True, TypeError), ("2.0", TypeError), (b"2", TypeError), (None, TypeError),
-    (1 + 1j, TypeError), ([2.0], ValueError), (np.ones(2), ValueError),
+    (1 + 1j, TypeError), ([2.0, 3.0], ValueError), (np.ones(2), ValueError),  # M = 1 row
     (10**400, ValueError), (1e300, ValueError), (0.0, ValueError), (float("nan"), ValueError),
 ])
 def test_linear_int8_a_scale_is_checked(bad, exc):

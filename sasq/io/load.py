@@ -39,11 +39,16 @@ def load(path=None):
         raise FileNotFoundError(f"{path}: no config.json")
     from .safetensors import load_checkpoint_dir
     from .tokenizer import load_tokenizer
+    if (path / "sasq_engine.json").is_file():
+        raise ValueError(f"{path}: an exported integer model; load it with "
+                         "sasq.StaticInt8Model.from_pretrained (sasq.load reads float checkpoints)")
     config = LlamaConfig.from_json(cfg)
     tensors = load_checkpoint_dir(path, check_finite=True)
     tokenizer = load_tokenizer(path)
     with _named(path):
-        return LlamaModel.from_config_and_tensors(config, tensors, tokenizer)
+        model = LlamaModel.from_config_and_tensors(config, tensors, tokenizer)
+    model.source_dir = path  # where tokenizer files live (sasq.export copies them)
+    return model
 
 
 @contextlib.contextmanager
