@@ -832,6 +832,16 @@ static PyObject *py_peak(PyObject *self, PyObject *args) {
     return Py_BuildValue("(dd)", g, gc);
 }
 
+static PyObject *py_gemm_threads(PyObject *self, PyObject *args) {
+    long long m, n, k;
+    if (!PyArg_ParseTuple(args, "LLL:_gemm_threads", &m, &n, &k)) return NULL;
+    if (m < 1 || n < 1 || k < 1) {
+        PyErr_SetString(PyExc_ValueError, "m, n, k must be >= 1");
+        return NULL;
+    }
+    return PyLong_FromLong(sasq_gemm_threads(m, n, k));
+}
+
 static PyObject *py_stream(PyObject *self, PyObject *args) {
     PackedObject *P;
     if (!PyArg_ParseTuple(args, "O!:_stream_read", &PackedType, &P)) return NULL;
@@ -877,6 +887,8 @@ static PyMethodDef methods[] = {
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> str"},
     {"_peak_int8_gops", py_peak, METH_VARARGS, "_peak_int8_gops(threads, seconds=0.3) -> (wall GOP/s, CPU-time GOP/s)"},
     {"_stream_read", py_stream, METH_VARARGS, "_stream_read(packed): read every packed byte once"},
+    {"_gemm_threads", py_gemm_threads, METH_VARARGS,
+     "_gemm_threads(m, n, k) -> threads linear_int8 uses for that shape (the policy)"},
     {NULL, NULL, 0, NULL},
 };
 

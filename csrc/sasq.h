@@ -39,6 +39,10 @@ int sasq_get_num_threads(void);
 /* Runs fn(ctx, t) for t in [0, ntasks) on the pool (the caller works too). If another parallel
  * region is running (a second Python thread), runs the tasks serially in the caller. */
 void sasq_parallel_for(int64_t ntasks, sasq_task_fn fn, void *ctx);
+/* The same on at most max_threads threads (the caller included; <= 0: all of them). */
+void sasq_parallel_for_max(int64_t ntasks, sasq_task_fn fn, void *ctx, int max_threads);
+/* Threads a GEMM of m x n x k uses (see gemm_int8.c: small products lose to thread hand-offs). */
+int sasq_gemm_threads(int64_t m, int64_t n, int64_t k);
 
 /* Elementwise kernels cut the rows into chunks of at least SASQ_CHUNK elements (at most
  * SASQ_MAX_CHUNKS chunks, which bounds the per-chunk partial sums of the backward kernels) and run

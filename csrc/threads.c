@@ -31,6 +31,8 @@ static sasq_task_fn job_fn;
 static void *job_ctx;
 static int64_t job_ntasks;
 static atomic_llong next_task;
+static int job_helpers;            /* workers allowed to join the current job */
+static atomic_int joined;          /* workers that asked to join it */
 
 static void run_tasks(sasq_task_fn fn, void *ctx, int64_t ntasks) {
     for (;;) {
@@ -52,8 +54,9 @@ static void *worker_main(void *arg) {
         sasq_task_fn fn = job_fn;
         void *ctx = job_ctx;
         int64_t nt = job_ntasks;
+        int helpers = job_helpers;
         pthread_mutex_unlock(&mu);
-        run_tasks(fn, ctx, nt);
+        if (atomic_fetch_add(&joined, 1) < helpers) run_tasks(fn, ctx, nt);
         pthread_mutex_lock(&mu);
         if (--active == 0) pthread_cond_signal(&cv_done);
     }
@@ -112,8 +115,13 @@ int sasq_set_num_threads(int n) {
 int sasq_get_num_threads(void) { return n_threads; }
 
 void sasq_parallel_for(int64_t ntasks, sasq_task_fn fn, void *ctx) {
+    sasq_parallel_for_max(ntasks, fn, ctx, 0);
+}
+
+void sasq_parallel_for_max(int64_t ntasks, sasq_task_fn fn, void *ctx, int max_threads) {
     if (ntasks <= 0) return;
-    if (ntasks == 1 || n_threads == 1 || pthread_mutex_trylock(&region_lock) != 0) {
+    if (max_threads <= 0 || max_threads > n_threads) max_threads = n_threads;
+    if (ntasks == 1 || max_threads == 1 || pthread_mutex_trylock(&region_lock) != 0) {
         for (int64_t t = 0; t < ntasks; t++) fn(ctx, t);
         return;
     }
@@ -122,6 +130,8 @@ void sasq_parallel_for(int64_t ntasks, sasq_task_fn fn, void *ctx) {
     job_fn = fn;
     job_ctx = ctx;
     job_ntasks = ntasks;
+    job_helpers = max_threads - 1;
+    atomic_store(&joined, 0);
     atomic_store(&next_task, 0);
     active = n_workers;
     generation++;

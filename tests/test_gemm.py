@@ -187,3 +187,28 @@ def test_benchmark_helpers():
     assert isinstance(ops._C._stream_read(ops.pack_weights(w)), int)
     with pytest.raises(ValueError):
         ops._C._peak_int8_gops(0)
+
+
+def test_thread_policy_per_shape():
+    """Small products run on fewer threads (thread hand-offs cost more than they save), big ones
+    on all; the result never depends on it (exact integers)."""
+    n0 = ops.get_num_threads()
+    try:
+        ops.set_num_threads(16)
+        t = ops._C._gemm_threads
+        assert t(1, 1536, 576) == 1            # decode on a small model: one thread
+        assert t(1, 4096, 4096) > 1            # decode on a big model: bandwidth of several cores
+        assert t(256, 1536, 576) < 16          # stops scaling before 16
+        assert t(2048, 4096, 4096) == 16
+        rng = np.random.default_rng(0)
+        w = rng.integers(-127, 128, (300, 77), dtype=np.int8)
+        a = rng.integers(-127, 128, (40, 77), dtype=np.int8)
+        p = ops.pack_weights(w)
+        outs = []
+        for n in (1, 3, 16):
+            ops.set_num_threads(n)
+            outs.append(ops.gemm_packed(a, p))
+        for o in outs[1:]:
+            np.testing.assert_array_equal(o, outs[0])
+    finally:
+        ops.set_num_threads(n0)
