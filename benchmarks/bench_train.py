@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = ROOT.parent / "shared" / "assets" / "stories260K" / "hf"
+SMOLLM2 = Path.home() / ".cache" / "sasq" / "smollm2" / "hf"
 # TinyLlama-1.1B shapes with 2 layers.
 REALISTIC = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
@@ -55,10 +56,11 @@ def _load_case(case: dict):
     sys.path.insert(0, str(ROOT))
     from sasq.model import LlamaConfig, random_model
     rng = np.random.default_rng(0)
-    if case["model"] == "stories260K":
+    if case["model"] in ("stories260K", "smollm2"):
         from sasq.io import load_checkpoint_dir
-        cfg = json.loads((STORIES / "config.json").read_text())
-        tensors = dict(load_checkpoint_dir(STORIES))
+        d = STORIES if case["model"] == "stories260K" else SMOLLM2
+        cfg = json.loads((d / "config.json").read_text())
+        tensors = dict(load_checkpoint_dir(d))
     else:
         cfg = dict(case["config"])
         m = random_model(LlamaConfig.from_dict(cfg), seed=0)
@@ -71,7 +73,8 @@ def _load_case(case: dict):
                 tensors[f"model.layers.{i}.mlp.{f}.weight"] = getattr(lw, f)
             tensors[f"model.layers.{i}.input_layernorm.weight"] = lw.input_layernorm
             tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = lw.post_attention_layernorm
-    ids = rng.integers(3, cfg["vocab_size"], size=(case["steps"] + 2, case["seqlen"] + 1))
+    ids = rng.integers(3, cfg["vocab_size"], size=(case["steps"] + 2, case.get("batch", 1),
+                                                   case["seqlen"] + 1))
     return cfg, tensors, ids
 
 
@@ -86,17 +89,25 @@ def run_sasq(case: dict) -> dict:
     sasq.set_num_threads(case["threads"])
     cfg, tensors, ids = _load_case(case)
     model = LlamaModel.from_config_and_tensors(cfg, tensors)
-    q = sasq.quantize(model, sasq.QuantPlan(w_bits=BITS, a_bits=BITS, granularity="channel", fold=True))
-    sasq.calibrate(q, ids[:1, :-1], progress=False)
+    q = sasq.quantize(model, sasq.QuantPlan(w_bits=BITS, a_bits=BITS, granularity="channel", fold=True,
+                                            sink_tokens=case.get("sink", 0)))
+    sasq.calibrate(q, ids[0, :1, :-1], progress=False)
     rss0 = _current_rss_mb()
-    train_scales(q, ids, steps=1, lr=LR, seqlen=case["seqlen"], batch=1, warmup=0,
-                 schedule="constant", progress=False, recompute=case["recompute"])  # warm-up
-    times = []
-    for s in range(case["steps"]):  # one step per call so that each step is timed alone
-        t0 = time.perf_counter()
-        train_scales(q, ids[s + 1:s + 2], steps=1, lr=LR, seqlen=case["seqlen"], batch=1, warmup=0,
-                     schedule="constant", progress=False, seed=s, recompute=case["recompute"])
-        times.append(time.perf_counter() - t0)
+    obj, b = case.get("objective", "ce"), case.get("batch", 1)
+    # one call: 2 warm-up steps, then the timed ones; batches cycle over 2 fixed batches, so with
+    # KL both sides compute each window's FP32 teacher once (sasq's TeacherPool; torch caches too)
+    windows = ids[:2].reshape(-1, case["seqlen"] + 1)
+    times, t0 = [], [time.perf_counter()]
+
+    def tick(step, info):
+        now = time.perf_counter()
+        times.append(now - t0[0])
+        t0[0] = now
+
+    train_scales(q, windows, steps=2 + case["steps"], lr=LR, seqlen=case["seqlen"], batch=b,
+                 warmup=0, schedule="constant", progress=False, recompute=case["recompute"],
+                 objective=obj, pool=len(windows), callback=tick)
+    times = times[2:]
     return {"step_s": float(np.median(times)), "rss_model_mb": rss0, "peak_rss_mb": _rss_mb(),
             "n_params": int(sum(p.size for p in q.params.values()))}
 
@@ -164,9 +175,20 @@ def run_torch(case: dict) -> dict:
         x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
+    quant = [True]
+
     def qlinear(x, s, *ws):  # folded per-channel: x / s on the grid, weight columns * s
+        if not quant[0]:
+            return [x @ w.T for w in ws]
         xq = fq_act(x / s)
         return [xq @ fq_weight(w * s).T for w in ws]
+
+    def fp_forward(ids):  # the FP32 teacher: the same graph, no quantizers
+        quant[0] = False
+        try:
+            return forward(ids, [{k: torch.zeros_like(v) for k, v in d.items()} for d in log_s])
+        finally:
+            quant[0] = True
 
     def forward(ids, log_s, record=None):
         B, Tq = ids.shape
@@ -208,25 +230,37 @@ def run_torch(case: dict) -> dict:
             for _ in range(L)]
     rec: dict = {}
     with torch.no_grad():
-        forward(ids_t[:1, :-1], init, record=rec)
+        forward(ids_t[0, :1, :-1], init, record=rec)
     log_s = [{k: torch.log(rec[(i, k)].clamp_min(1e-8) / qmax).requires_grad_(True) for k in init[i]}
              for i in range(L)]
     opt = torch.optim.Adam([p for d in log_s for p in d.values()], lr=LR)
     rss0 = _current_rss_mb()
 
-    def step(w):
+    F = torch.nn.functional
+    teacher = {}
+
+    def step(j):
+        w = ids_t[j % 2]  # (B, T+1)
         opt.zero_grad(set_to_none=True)
         logits = forward(w[:, :-1], log_s)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+        if case.get("objective", "ce") == "kl":
+            if j % 2 not in teacher:  # the FP32 teacher once per batch (cached, as sasq does)
+                with torch.no_grad():
+                    teacher[j % 2] = F.log_softmax(fp_forward(w[:, :-1]), -1)
+            lq = F.log_softmax(logits, -1)
+            loss = F.kl_div(lq.reshape(-1, lq.shape[-1]), teacher[j % 2].reshape(-1, lq.shape[-1]),
+                            log_target=True, reduction="batchmean")
+        else:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
         loss.backward()
         opt.step()
         return float(loss.detach())
 
-    step(ids_t[:1])  # warm-up
+    step(0), step(1)  # warm-up (and the teacher of both batches)
     times = []
     for s in range(case["steps"]):
         t0 = time.perf_counter()
-        step(ids_t[s + 1:s + 2])
+        step(s)
         times.append(time.perf_counter() - t0)
     return {"step_s": float(np.median(times)), "rss_model_mb": rss0, "peak_rss_mb": _rss_mb(),
             "n_params": int(sum(p.numel() for d in log_s for p in d.values()))}
@@ -253,6 +287,9 @@ def main(argv=None) -> int:
                     help="threads for both (default 1: on a shared, oversubscribed CPU torch's OpenMP "
                          "threads spin and its step time explodes)")
     ap.add_argument("--recompute", action="store_true", help="sasq: recompute activations per layer")
+    ap.add_argument("--smollm2", action="store_true",
+                    help="also SmolLM2-135M, KL objective, batch 2 x 512 (the fidelity issue's case)")
+    ap.add_argument("--only-smollm2", action="store_true", help="only the SmolLM2 case")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -270,8 +307,20 @@ def main(argv=None) -> int:
     cases.append({"name": "random LLaMA " + ("(quick shapes)" if a.quick else "h2048 L2"),
                   "model": "random", "config": QUICK if a.quick else REALISTIC,
                   "seqlen": 128 if a.quick else 512})
+    if a.smollm2:
+        if not (SMOLLM2 / "config.json").exists():
+            print(f"(SmolLM2 not cached at {SMOLLM2}; run benchmarks/assets.py smollm2)", file=sys.stderr)
+        else:  # issue 10: a KL step of 2 x 512 tokens
+            cases.append({"name": "SmolLM2-135M KL 2x512", "model": "smollm2", "seqlen": 512,
+                          "batch": 2, "objective": "kl"})
+    if a.only_smollm2:
+        a.smollm2 = True
+        cases = []
+        if (SMOLLM2 / "config.json").exists():
+            cases.append({"name": "SmolLM2-135M KL 2x512", "model": "smollm2", "seqlen": 512,
+                          "batch": 2, "objective": "kl"})
     rows = []
-    print(f"scale-only training step, W{BITS}A{BITS} static per-channel folded, batch 1, "
+    print(f"scale-only training step, W{BITS}A{BITS} static per-channel folded, batch 1 (SmolLM2: 2), "
           f"{a.threads} threads, median of {steps} steps")
     hdr = (f"{'case':<24} {'seqlen':>6} {'sasq s/step':>12} {'torch s/step':>13} {'ratio':>6} "
            f"{'sasq peak MB':>13} {'torch peak MB':>14} {'ratio':>6}")
