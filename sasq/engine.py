@@ -31,7 +31,7 @@ import numpy as np
 from sasq import grid, layers as L, ops
 from sasq.io.safetensors import load_safetensors
 from sasq.model import KVCache, LlamaConfig
-from sasq.sampling import sample_rows
+from sasq.sampling import generate
 
 ENGINE_FILE = "sasq_engine.json"
 EXT_FILE = "sasq_extensions.safetensors"
@@ -57,7 +57,7 @@ class Quantizer:
     hadamard: bool = False               # online Hadamard before quantizing (rotated down_in)
 
     def __call__(self, x: np.ndarray, pos: int):
-        T, C = x.shape[-2], x.shape[-1]
+        T = x.shape[-2]
         if self.hadamard:
             if self.kind == "static" and self.threshold is None and self._n_sink(pos, T) == 0:
                 return ops.hadamard_quantize(x, self.scale, self.bits), self.scale  # fused
@@ -157,7 +157,6 @@ class StaticInt8Model:
         ext = load_safetensors(path / EXT_FILE) if (path / EXT_FILE).is_file() else {}
         get = _getter(path, t)
         n, C, hd = config.num_hidden_layers, config.hidden_size, config.head_dim
-        kv = config.num_key_value_heads * hd
         V = config.vocab_size
         embed = get("model.embed_tokens.weight", np.float32, (V, C))
         norms, linears, quant, kvq = [], [], [], []
@@ -221,9 +220,6 @@ class StaticInt8Model:
             self._rope["t"] = tab
         return tab[0][start:start + T], tab[1][start:start + T]
 
-    def _head_weights(self):
-        return self.lm_head if isinstance(self.lm_head, np.ndarray) else None
-
     # ---- forward
     def forward(self, ids, cache: KVCache | None = None, return_hidden: bool = False):
         """ids (B, T) -> logits (B, T, V) (or the final normed hidden (B, T, C)); with a cache,
@@ -238,8 +234,6 @@ class StaticInt8Model:
         c = self.config
         B, T = ids.shape
         pos = cache.length if cache is not None else 0
-        if pos + T > c.max_position_embeddings * 64:
-            raise ValueError("sequence too long")
         cos, sin = self._rope_tables(pos, T)
         H, KVH, G, hd = c.num_attention_heads, c.num_key_value_heads, c.n_groups, c.head_dim
         eps = c.rms_norm_eps
@@ -295,24 +289,10 @@ class StaticInt8Model:
                  top_k=None, eos_id=None) -> list[int]:
         """Continue prompt_ids (1-D) by max_new_tokens tokens with a KV cache (greedy at
         temperature 0); returns the new tokens."""
-        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
-        if prompt.size == 0:
-            raise ValueError("generate needs a non-empty prompt (e.g. [bos_id])")
-        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError("max_new_tokens and temperature must be >= 0, top_k >= 1")
-        rng = np.random.default_rng(seed)
         cache = KVCache(self.config.num_hidden_layers)
-        out: list[int] = []
-        if max_new_tokens == 0:
-            return out
-        h = self.forward(prompt[None], cache=cache, return_hidden=True)
-        while True:
-            z = self.logits(h[:, -1], cache.length - 1)  # (1, V)
-            tok = int(sample_rows(z, temperature, [rng], top_k)[0])
-            out.append(tok)
-            if len(out) >= max_new_tokens or (eos_id is not None and tok == eos_id):
-                return out
-            h = self.forward(np.array([[tok]]), cache=cache, return_hidden=True)
+        return generate(lambda ids: self.forward(ids, cache=cache, return_hidden=True),
+                        lambda h: self.logits(h, cache.length - 1), prompt_ids, max_new_tokens,
+                        temperature, seed, top_k, eos_id)
 
 
 # --------------------------------------------------------------------------- reading an export

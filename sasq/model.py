@@ -29,7 +29,7 @@ import numpy as np
 
 from sasq import layers as L
 from sasq.qtensor import linear
-from sasq.sampling import sample_rows
+from sasq.sampling import generate
 
 
 def online_hadamard(d):
@@ -662,28 +662,10 @@ class LlamaModel:
         """Continue prompt_ids (1-D) by max_new_tokens tokens with a KV cache; returns only the
         new tokens. temperature 0: greedy (argmax); > 0: sampling from softmax(logits / t),
         optionally among the top_k, reproducible with seed. Stops early after eos_id if given."""
-        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
-        if prompt.size == 0:
-            raise ValueError("generate needs a non-empty prompt (e.g. [bos_id])")
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if top_k is not None and top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        rng = np.random.default_rng(seed)
         cache = KVCache(self.config.num_hidden_layers)
-        out: list[int] = []
-        if max_new_tokens == 0:
-            return out
-        h = self.forward(prompt[None], hook=hook, cache=cache, return_hidden=True)
-        while True:
-            logits = h[0, -1] @ self.lm_head.T  # (V,)
-            tok = int(sample_rows(logits[None], temperature, [rng], top_k)[0])
-            out.append(tok)
-            if len(out) >= max_new_tokens or (eos_id is not None and tok == eos_id):
-                return out
-            h = self.forward(np.array([[tok]]), hook=hook, cache=cache, return_hidden=True)
+        return generate(lambda ids: self.forward(ids, hook=hook, cache=cache, return_hidden=True),
+                        lambda h: h @ self.lm_head.T, prompt_ids, max_new_tokens, temperature,
+                        seed, top_k, eos_id)
 
 
 def random_model(config, seed=0, std=None, dtype=np.float32) -> LlamaModel:
