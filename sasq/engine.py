@@ -156,8 +156,7 @@ class StaticInt8Model:
         t = load_safetensors(path / "model.safetensors")
         ext = load_safetensors(path / EXT_FILE) if (path / EXT_FILE).is_file() else {}
         get = _getter(path, t)
-        n, C, hd = config.num_hidden_layers, config.hidden_size, config.head_dim
-        V = config.vocab_size
+        n, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
         embed = get("model.embed_tokens.weight", np.float32, (V, C))
         norms, linears, quant, kvq = [], [], [], []
         for i in range(n):
