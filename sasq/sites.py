@@ -153,11 +153,9 @@ class DynamicQuant:
 
     @staticmethod
     def forward(x, site):
-        qm = grid.qmax(site.bits)
-        a = np.abs(x).max(axis=-1, keepdims=True)  # (B, T, 1)
-        s = (a if site.clip == 1 else a * site.clip) / qm  # QuaRot clips at 0.9 absmax at 4 bits
-        s = np.where(s > 0, s, 1).astype(x.dtype)
-        return (np.clip(np.rint(x / s), -qm, qm) * s).astype(x.dtype)
+        # scale = clip * absmax(row) / qmax (QuaRot clips at 0.9 at 4 bits); the kernel's codes
+        codes, s = _backend(x.dtype).quantize_dynamic(np.ascontiguousarray(x), site.bits, site.clip)
+        return codes.astype(x.dtype) * s[..., None]
 
     @staticmethod
     def backward(x, g, site):
