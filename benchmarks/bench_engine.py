@@ -124,12 +124,15 @@ def log(*a):
 
 def best_times(fns: dict, repeats: int, warmups: dict | None = None) -> dict:
     """{side: (best wall s, best process-CPU s)}: one warm-up each (warmups[side] when given),
-    then `repeats` rounds with the sides interleaved; the minimum is the least disturbed run."""
+    then `repeats` rounds with the sides interleaved, the order rotated every round (no side
+    always runs right after the same neighbour); the minimum is the least disturbed run."""
     for name, fn in fns.items():
         (warmups or {}).get(name, fn)()
     best = {n: [float("inf"), float("inf")] for n in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each side leads a round
+            fn = fns[name]
             time.sleep(0.03)  # let the previous side's spinning worker threads go idle
             c0, t0 = time.process_time(), time.perf_counter()
             fn()
@@ -789,7 +792,7 @@ def report(results, meta, sides):
 def main() -> int:
     args = ARGS
     quick = args.quick
-    repeats = args.repeats or (1 if quick else 2)
+    repeats = args.repeats or (1 if quick else 3)
     seqlens = args.seqlens or ([128] if quick else [512, 2048])
     ctx = args.ctx or (128 if quick else 512)
     n_decode = args.decode_tokens or (8 if quick else 32)
