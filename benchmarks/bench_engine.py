@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="passive",
                    help="OMP_WAIT_POLICY for llama.cpp's and torch's OpenMP pools (see the module "
                         "docstring; 'default' leaves the environment alone)")
+    p.add_argument("--quant-head", action="store_true",
+                   help="export with quant_head=True (an INT8 lm_head, like llama.cpp's Q8_0 "
+                        "output matrix) instead of the float32 head")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--json", default=None, help="write every number to this file")
     return p.parse_args(argv)
@@ -585,12 +588,13 @@ def run_case(key, args, llama_cpp, repeats, seqlens, ctx, n_decode, sides, peak)
     nosink = None
     with tempfile.TemporaryDirectory(prefix="sasq-bench-engine-") as tmp:
         t0 = time.perf_counter()
-        d = export_engine(model, Path(tmp) / "int8")
+        d = export_engine(model, Path(tmp) / "int8", quant_head=args.quant_head)
         static = sasq.StaticInt8Model.from_pretrained(d)
         dynamic = sasq.StaticInt8Model.from_pretrained(d, dynamic=True)
         if "static-nosink" in sides:
             nosink = sasq.StaticInt8Model.from_pretrained(
-                export_engine(model, Path(tmp) / "int8-nosink", sink_tokens=0))
+                export_engine(model, Path(tmp) / "int8-nosink", sink_tokens=0,
+                              quant_head=args.quant_head))
         out["export_s"] = time.perf_counter() - t0
         log(f"  exported and loaded int8 engines in {out['export_s']:.0f} s")
     wb = engine_weight_bytes(static)
@@ -818,7 +822,7 @@ def main() -> int:
             "torch": torch.__version__,
             "llama_cpp": getattr(llama_cpp, "__version__", None) if llama_cpp else None,
             "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0], "quick": quick,
-            "repeats": repeats, "plan": PLAN, "llama_ubatch": args.llama_ubatch,
+            "repeats": repeats, "plan": {**PLAN, "quant_head": args.quant_head}, "llama_ubatch": args.llama_ubatch,
             "llama_flash_attn": args.llama_flash_attn,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
     peak = None
