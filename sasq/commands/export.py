@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from sasq.commands.generate import add_quantizer_arguments
+
 
 def add_arguments(p):
     p.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
@@ -17,15 +19,7 @@ def add_arguments(p):
     p.add_argument("--model", default=None,
                    help="HF directory or .gguf (default: the bundled stories260K; with --checkpoint: "
                         "the run's model)")
-    p.add_argument("--checkpoint", default=None,
-                   help="a `sasq run` training checkpoint (RUN/checkpoints/<method>_<bits>_<obj>.npz): "
-                        "export its trained scales")
-    p.add_argument("--method", default=None, help="or: calibrate this catalogue method (PTQ) and export it")
-    p.add_argument("--bits", default="W8A8", help="bit config for --method (default W8A8)")
-    p.add_argument("--calib", default=None,
-                   help="calibration text for --method: corpus name or file (default: data-free samples)")
-    p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--seqlen", type=int, default=128, help="calibration window length (default 128)")
+    add_quantizer_arguments(p, "export")
 
 
 def main(args) -> int:

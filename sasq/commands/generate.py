@@ -25,18 +25,24 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    add_quantizer_arguments(p, "generate with")
+    p.add_argument("--compare", action="store_true", help="also print the FP32 continuation")
+
+
+def add_quantizer_arguments(p, what: str) -> None:
+    """--checkpoint (a run's trained scales) or --method/--bits/--calib (a calibrated PTQ plan):
+    shared by generate and export (see _quantized)."""
     p.add_argument("--checkpoint", default=None,
                    help="a training checkpoint of a `sasq run` (RUN/checkpoints/<method>_<bits>_<obj>.npz): "
-                        "generate with its trained scales")
+                        f"{what} its trained scales")
     p.add_argument("--method", default=None,
-                   help="fake-quantize with this catalogue method (python -m sasq run --methods lists "
+                   help="quantize with this catalogue method (python -m sasq run --methods lists "
                         "them), calibrated on --calib")
     p.add_argument("--bits", default="W8A8", help="bit config for --method (default W8A8)")
     p.add_argument("--calib", default=None,
                    help="calibration text for --method: corpus name or file (default: data-free samples)")
     p.add_argument("--calib-windows", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=128, help="calibration window length (default 128)")
-    p.add_argument("--compare", action="store_true", help="also print the FP32 continuation")
 
 
 def _engine_model(path: Path):
