@@ -432,13 +432,17 @@ static sasq_status gemm_run(const int8_t *a, int64_t m, const sasq_packed *p, in
 }
 
 /* Thread-count policy per shape. A thread pays for itself with a few million multiply-adds of
- * work (waking it and handing out tasks costs microseconds): measured on a 16-core Xeon, the M=1
- * 576x1536 product got slower with every added thread (84 GOP/s on 1 thread, 32 on 16) and
- * M=256 576x1536 stopped scaling at 8 threads. Decode (small M) is bound by reading the weights,
- * so there a thread needs ~2 MiB of them to be worth it. */
-#define GEMM_MACS_PER_THREAD (3LL << 23) /* ~25M: M=256 576x1536 gets 8 threads */
-#define GEMM_BYTES_PER_THREAD (1LL << 21)
+ * work (waking it and handing out tasks costs microseconds). Measured on a 16-core Xeon
+ * (benchmarks/thread_scaling.py): M=1 576x1536 gets slower with every added thread (101 GOP/s on
+ * 1, 30 on 16), M=16 576x1536 peaks at 8 threads, M=64 at 8, M=256 at 16: about 4M multiply-adds
+ * per thread. Decode (M <= 8) is bound by reading the weights: there a thread needs ~1 MiB of them
+ * (M=1 4096x4096 scales to 16 threads, 576x1536 = 0.9 MiB stays on one). */
+#define GEMM_MACS_PER_THREAD (1LL << 22)
+#define GEMM_BYTES_PER_THREAD (1LL << 20)
+static int gemm_policy_on = 1; /* benchmarks switch it off to measure what the policy saves */
+void sasq_gemm_policy(int on) { gemm_policy_on = on; }
 int sasq_gemm_threads(int64_t m, int64_t n, int64_t k) {
+    if (!gemm_policy_on) return sasq_get_num_threads();
     int64_t by_work = m * n * k / GEMM_MACS_PER_THREAD;
     int64_t by_bytes = m <= 8 ? n * k / GEMM_BYTES_PER_THREAD : by_work;
     int64_t t = by_work > by_bytes ? by_work : by_bytes;

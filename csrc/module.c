@@ -842,6 +842,13 @@ static PyObject *py_gemm_threads(PyObject *self, PyObject *args) {
     return PyLong_FromLong(sasq_gemm_threads(m, n, k));
 }
 
+static PyObject *py_gemm_policy(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p:_gemm_policy", &on)) return NULL;
+    sasq_gemm_policy(on);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_stream(PyObject *self, PyObject *args) {
     PackedObject *P;
     if (!PyArg_ParseTuple(args, "O!:_stream_read", &PackedType, &P)) return NULL;
@@ -889,6 +896,8 @@ static PyMethodDef methods[] = {
     {"_stream_read", py_stream, METH_VARARGS, "_stream_read(packed): read every packed byte once"},
     {"_gemm_threads", py_gemm_threads, METH_VARARGS,
      "_gemm_threads(m, n, k) -> threads linear_int8 uses for that shape (the policy)"},
+    {"_gemm_policy", py_gemm_policy, METH_VARARGS,
+     "_gemm_policy(on): False makes every linear_int8 use all threads (benchmarks measure the policy)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -43,6 +43,7 @@ void sasq_parallel_for(int64_t ntasks, sasq_task_fn fn, void *ctx);
 void sasq_parallel_for_max(int64_t ntasks, sasq_task_fn fn, void *ctx, int max_threads);
 /* Threads a GEMM of m x n x k uses (see gemm_int8.c: small products lose to thread hand-offs). */
 int sasq_gemm_threads(int64_t m, int64_t n, int64_t k);
+void sasq_gemm_policy(int on); /* 0: every linear_int8 uses all threads (benchmarks only) */
 
 /* Elementwise kernels cut the rows into chunks of at least SASQ_CHUNK elements (at most
  * SASQ_MAX_CHUNKS chunks, which bounds the per-chunk partial sums of the backward kernels) and run

@@ -198,8 +198,14 @@ def test_thread_policy_per_shape():
         t = ops._C._gemm_threads
         assert t(1, 1536, 576) == 1            # decode on a small model: one thread
         assert t(1, 4096, 4096) > 1            # decode on a big model: bandwidth of several cores
-        assert t(256, 1536, 576) < 16          # stops scaling before 16
+        assert 1 < t(16, 1536, 576) < 16       # a few rows: some threads, not all
         assert t(2048, 4096, 4096) == 16
+        ops._C._gemm_policy(False)             # the benchmarks' switch: all threads everywhere
+        try:
+            assert t(1, 1536, 576) == 16
+        finally:
+            ops._C._gemm_policy(True)
+        assert t(1, 1536, 576) == 1
         rng = np.random.default_rng(0)
         w = rng.integers(-127, 128, (300, 77), dtype=np.int8)
         a = rng.integers(-127, 128, (40, 77), dtype=np.int8)
