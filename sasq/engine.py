@@ -227,7 +227,9 @@ class StaticInt8Model:
         tab = self._rope.get("t")
         if tab is None or tab[0].shape[0] < start + T:
             c = self.config
-            nmax = max(start + T, c.max_position_embeddings)
+            # grown by doubling like LlamaModel's tables: decoding past max_position_embeddings
+            # must not rebuild the table every token
+            nmax = max(2 * (start + T) if tab is not None else start + T, c.max_position_embeddings)
             inv = L.rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling, np.float32)
             tab = L.rope_tables(inv, np.arange(nmax))
             self._rope["t"] = tab
