@@ -31,6 +31,7 @@ import numpy as np
 from sasq import _C, grid, layers as L, ops
 from sasq.blas import blas_threads_for
 from sasq.io.safetensors import load_safetensors
+from sasq.kvquant import fake_quant_asym_groups
 from sasq.model import KVCache, LlamaConfig
 from sasq.sampling import generate
 
@@ -56,6 +57,7 @@ class Quantizer:
     threshold: np.ndarray | None = None  # truncation t (applied domain), ceiling = scale * qmax
     clip: float = 1.0                    # dynamic: clip ratio
     hadamard: bool = False               # online Hadamard before quantizing (rotated down_in)
+    group: int = 0                       # "dynamic_kv": channels per asymmetric group (head_dim)
 
     def __post_init__(self):
         # validated once at load (from_pretrained): the per-token path calls the C entry points
@@ -90,7 +92,10 @@ class Quantizer:
 
     def fake(self, x: np.ndarray, pos: int) -> np.ndarray:
         """The values on the grid, float32 (the KV cache keeps these): scale * codes, the scale
-        per tensor or per KV channel, sink positions on their own scale."""
+        per tensor or per KV channel, sink positions on their own scale; or, "dynamic_kv", per
+        token and head on its own asymmetric grid (sasq.kvquant)."""
+        if self.kind == "dynamic_kv":
+            return fake_quant_asym_groups(x, self.bits, self.group, self.clip)
         y = ops.fake_quant(np.ascontiguousarray(x), self.scale, self.bits)
         for j in range(self._n_sink(pos, x.shape[-2])):
             y[..., j, :] = ops.fake_quant(np.ascontiguousarray(x[..., j, :]), self.sink[pos + j],
@@ -126,7 +131,8 @@ class StaticInt8Model:
     """An exported sasq model run with integer GEMMs (see the module docstring)."""
 
     def __init__(self, config: LlamaConfig, embed, norms, final_norm, linears, quantizers,
-                 lm_head, tokenizer=None, online_down=False, kv=None, label="", dynamic=False):
+                 lm_head, tokenizer=None, online_down=False, kv=None, label="", dynamic=False,
+                 online_qk=False):
         self.config = config
         self.embed_tokens = embed          # (V, C) float32
         self.norms = norms                 # per layer (ln1, ln2)
@@ -136,6 +142,7 @@ class StaticInt8Model:
         self.lm_head = lm_head             # float32 (V, C), or a Linear when quantized
         self.tokenizer = tokenizer
         self.online_down = online_down
+        self.online_qk = online_qk             # R3: per-head Hadamard on q and k after RoPE
         self.kv = kv or {}                 # per layer {"k_cache", "v_cache"}: Quantizer
         self.label = label
         self.dynamic = dynamic
@@ -195,7 +202,7 @@ class StaticInt8Model:
             qs["down_in"].hadamard = bool(eng.get("online_down"))
             linears.append(lin)
             quant.append(qs)
-            kvq.append({s: _quantizer(path, eng, ext, f"layers.{i}.{s}", False, 1.0)
+            kvq.append({s: _quantizer(path, eng, ext, f"layers.{i}.{s}", False, 1.0, config.head_dim)
                         for s in ("k_cache", "v_cache") if f"layers.{i}.{s}" in eng["sites"]})
         final = get("model.norm.weight", np.float32, (C,))
         head = t.get("lm_head.weight")
@@ -215,6 +222,7 @@ class StaticInt8Model:
             tok = None
         return cls(config, embed, norms, final, linears, quant, lm_head, tok,
                    online_down=bool(eng.get("online_down")), kv=kvq, label=eng.get("label", ""),
+                   online_qk=bool(eng.get("online_qk")),
                    dynamic=dynamic)
 
     def __repr__(self):
@@ -261,7 +269,10 @@ class StaticInt8Model:
             a, sa = q_["attn_in"](h, pos)                               # int8 codes, static scale
             q, k, v = lin["qkv"](a, sa)                                 # INT8 GEMM, fused q/k/v
             q = L.rope_forward(q.reshape(B, T, H, hd), cos, sin)
-            k = L.rope_forward(k.reshape(B, T, KVH, hd), cos, sin).reshape(B, T, KVH * hd)
+            k = L.rope_forward(k.reshape(B, T, KVH, hd), cos, sin)
+            if self.online_qk:                                          # R3 (q.k unchanged)
+                q, k = ops.hadamard(q, out=q), ops.hadamard(k, out=k)
+            k = k.reshape(B, T, KVH * hd)
             if "k_cache" in kvq:                                        # KV cache on its grid
                 k = kvq["k_cache"].fake(k, pos)
                 v = kvq["v_cache"].fake(v, pos)
@@ -365,7 +376,13 @@ _SITE_MODULE = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_
                 "down_in": "mlp.down_proj"}
 
 
-def _quantizer(path, eng, ext, key, dynamic, clip) -> Quantizer:
+def _clip(path, key, c) -> float:
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
+        raise ValueError(f"{path}: site {key} has clip {c!r} (a number in (0, 1])")
+    return float(c)
+
+
+def _quantizer(path, eng, ext, key, dynamic, clip, head_dim=0) -> Quantizer:
     d = eng["sites"].get(key)
     if d is None:
         raise ValueError(f"{path}: {ENGINE_FILE} has no site {key}")
@@ -374,9 +391,16 @@ def _quantizer(path, eng, ext, key, dynamic, clip) -> Quantizer:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     if d.get("kind") == "dynamic" or dynamic:
-        return Quantizer(bits, "dynamic", clip=float(d.get("clip", clip)))
+        return Quantizer(bits, "dynamic", clip=_clip(path, key, d.get("clip", clip)))
+    if d.get("kind") == "dynamic_kv":
+        group = d.get("group")
+        if key.split(".")[-1] not in ("k_cache", "v_cache") or group != head_dim:
+            raise ValueError(f"{path}: site {key}: a dynamic KV quantizer needs a KV site and group "
+                             f"= head_dim {head_dim} (got {group!r})")
+        return Quantizer(bits, "dynamic_kv", clip=_clip(path, key, d.get("clip", 1.0)), group=group)
     if d.get("kind") != "static":
-        raise ValueError(f"{path}: site {key} has kind {d.get('kind')!r} (static or dynamic)")
+        raise ValueError(f"{path}: site {key} has kind {d.get('kind')!r} "
+                         "(static, dynamic or dynamic_kv)")
 
     def arr(name, what):
         if name is None:

@@ -118,6 +118,8 @@ def export(qmodel, out_dir, overwrite: bool = False) -> Path:
         d = {"kind": site.kind, "bits": site.bits}
         if site.kind == "dynamic":
             d["clip"] = float(site.clip)
+        elif site.kind == "dynamic_kv":  # per token and KV head, asymmetric (sasq.kvquant)
+            d["clip"], d["group"] = float(site.clip), int(cfg.head_dim)
         else:
             scale = np.asarray(site.applied_scale, np.float32)
             if scale.ndim:  # v_cache under an o_in fold: per KV channel
@@ -166,6 +168,7 @@ def export(qmodel, out_dir, overwrite: bool = False) -> Path:
         config["model_type"], config["architectures"] = SASQ_MODEL_TYPE, [SASQ_ARCHITECTURE]
     engine = {"format": FORMAT_VERSION, "plan": plan.to_dict(), "label": plan.label,
               "sites": sites_doc, "online_down": bool(deploy.online_down),
+              "online_qk": bool(getattr(deploy, "online_qk", False)),
               "rotation": getattr(qmodel.model, "rotation", None),
               "expressible_by_compressed_tensors": ct_expressible(plan),
               "grid": "symmetric [-qmax, qmax], qmax = 2^(bits-1) - 1; round half to even",

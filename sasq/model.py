@@ -41,6 +41,13 @@ def online_hadamard_backward(g):
     from sasq.rotate import online_hadamard_backward as f
     return f(g)
 
+
+def head_hadamard(x, transpose=False):
+    """R3: x (..., hd) -> x H^T per head (x H with transpose, its backward); sasq.rotate."""
+    from sasq.rotate import online_hadamard, online_hadamard_backward
+    return (online_hadamard_backward if transpose else online_hadamard)(x)
+
+
 SITES = ("attn_in", "k_cache", "v_cache", "o_in", "mlp_in", "down_in", "head_in")
 LAYER_SITES = SITES[:-1]
 
@@ -370,7 +377,7 @@ class LlamaModel:
     """Frozen LLaMA weights plus forward, backward and generation."""
 
     def __init__(self, config: LlamaConfig, embed_tokens, layers, norm, lm_head, tokenizer=None,
-                 online_down: bool = False):
+                 online_down: bool = False, online_qk: bool = False):
         self.config = config
         self.embed_tokens = embed_tokens  # (V, C)
         self.layers: list[LayerWeights] = list(layers)
@@ -380,6 +387,9 @@ class LlamaModel:
         # A rotated model (sasq.rotate) applies an orthonormal Hadamard to the SwiGLU output before
         # the "down_in" site (its transpose is fused into down_proj): part of its function.
         self.online_down = online_down
+        # R3 (sasq.rotate, rotate_qk): queries and keys after RoPE rotated per head by the same
+        # orthonormal Hadamard; q.k is unchanged, the "k_cache" site sees rotated keys.
+        self.online_qk = online_qk
         self.int8_weights = None  # (layer, matrix) -> (PackedWeights, scales): see _linear
         self._rope = {}
 
@@ -426,12 +436,13 @@ class LlamaModel:
         lm_head = embed if self.lm_head is self.embed_tokens else np.asarray(self.lm_head, dtype)
         return LlamaModel(self.config, embed, [lw.astype(dtype) for lw in self.layers],
                           np.asarray(self.norm, dtype=dtype), lm_head, self.tokenizer,
-                          self.online_down)
+                          self.online_down, self.online_qk)
 
     def copy_with(self, **fields) -> "LlamaModel":
         """Shallow copy with some attributes replaced (config, embed_tokens, layers, norm,
-        lm_head, tokenizer, online_down)."""
-        allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer", "online_down"}
+        lm_head, tokenizer, online_down, online_qk)."""
+        allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer", "online_down",
+                   "online_qk"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"copy_with: unknown fields {sorted(bad)}")
@@ -502,8 +513,10 @@ class LlamaModel:
         v = self._linear(i, "v_proj", h, w.v_proj)  # (B, T, KVH*hd)
         del h
         q = L.rope_forward(q, cos, sin)  # (B, T, H, hd)
-        k = L.rope_forward(k, cos, sin).reshape(B, T, KVH * hd)
-        k = at("k_cache", k)
+        k = L.rope_forward(k, cos, sin)  # (B, T, KVH, hd)
+        if self.online_qk:
+            q, k = head_hadamard(q), head_hadamard(k)  # R3: q.k unchanged
+        k = at("k_cache", k.reshape(B, T, KVH * hd))
         v = at("v_cache", v)
         qh = np.ascontiguousarray(q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4))
         kh = np.ascontiguousarray(k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3))  # (B,KVH,T,hd)
@@ -571,6 +584,9 @@ class LlamaModel:
         dv = np.ascontiguousarray(dvh.transpose(0, 2, 1, 3)).reshape(B, T, KVH * hd)
         dv = at("v_cache", dv)
         dk = at("k_cache", dk)
+        if self.online_qk:
+            dq = head_hadamard(dq, transpose=True)
+            dk = head_hadamard(dk.reshape(B, T, KVH, hd), transpose=True).reshape(B, T, KVH * hd)
         dq = L.rope_backward(dq, cos, sin).reshape(B, T, H * hd)
         dk = L.rope_backward(dk.reshape(B, T, KVH, hd), cos, sin).reshape(B, T, KVH * hd)
         dh = L.linear_backward(dq, w.q_proj)  # (B, T, C)

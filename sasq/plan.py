@@ -33,6 +33,8 @@ class QuantPlan:
     sink-aware             sink_tokens=k: positions 0..k-1 get their own static scales
     QuaRot-style           QuantPlan(4, 4, mode="dynamic", rotate=True, weights="gptq",
                                      dynamic_clip=0.9)  (rotation: sasq.rotate; GPTQ: sasq.gptq)
+      + its KV cache       kv_bits=4, kv_mode="dynamic" (per token and head, asymmetric),
+                           rotate_qk=True (R3)
     SASQ on a rotated model  QuantPlan(4, 4, rotate=True, sink_tokens=4) + calibrate + train
     """
     w_bits: int | None = 8
@@ -41,7 +43,10 @@ class QuantPlan:
     fold: bool = True                  # per-channel folded into weights (deployable)
     mode: str = "static"               # "static" | "dynamic"
     sites: tuple = LINEAR_SITES
-    kv_bits: int | None = None         # static KV-cache quantization (per tensor / per channel)
+    kv_bits: int | None = None         # KV-cache quantization (kv_mode says how)
+    kv_mode: str = "static"            # "static" per tensor / per channel (granularity), sink-aware
+    #                                    | "dynamic": per token and KV head, asymmetric (QuaRot's)
+    kv_clip: float = 1.0               # dynamic KV: clip ratio of the per-head min/max range
     quant_head: bool = False           # quantize lm_head's input (and weights)
     truncation: bool = False
     smoothquant_alpha: float | None = None
@@ -51,6 +56,7 @@ class QuantPlan:
     param_space: str = "log"           # "log" | "linear"
     rotate: bool = False               # QuaRot-style Hadamard rotation first (sasq.rotate)
     rotate_seed: int | None = 0        # R1's random signs (None: plain Hadamard)
+    rotate_qk: bool = False            # R3: online per-head Hadamard on queries/keys (K cache)
     weights: str = "rtn"               # "rtn" round-to-nearest | "gptq" (calibration Hessians)
     dynamic_clip: float = 1.0          # dynamic per-token scale = clip * absmax / qmax
 
@@ -118,11 +124,23 @@ class QuantPlan:
             raise ValueError(f"QuantPlan.dynamic_clip must be in (0, 1], got {c!r}")
         if c != 1.0 and self.mode != "dynamic":
             raise ValueError("dynamic_clip is the clip ratio of dynamic per-token scales")
+        if self.kv_mode not in ("static", "dynamic"):
+            raise ValueError(f"QuantPlan.kv_mode must be 'static' or 'dynamic', got {self.kv_mode!r}")
+        if self.kv_mode == "dynamic" and not self.kv_bits:
+            raise ValueError("kv_mode='dynamic' quantizes the KV cache: it needs kv_bits")
+        c = self.kv_clip
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
+            raise ValueError(f"QuantPlan.kv_clip must be in (0, 1], got {c!r}")
+        if c != 1.0 and self.kv_mode != "dynamic":
+            raise ValueError("kv_clip is the clip ratio of the dynamic KV cache (kv_mode='dynamic')")
+        if self.rotate_qk and not (self.rotate and self.kv_bits):
+            raise ValueError("rotate_qk (R3) rotates keys for a quantized K cache: it needs "
+                             "rotate=True and kv_bits")
         k = self.sink_tokens
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SINK:
             raise ValueError(f"QuantPlan.sink_tokens must be an int in [0, {MAX_SINK}], got {k!r}")
         object.__setattr__(self, "sink_tokens", int(k))
-        if k and self.mode == "dynamic" and not self.kv_bits:
+        if k and self.mode == "dynamic" and not (self.kv_bits and self.kv_mode == "static"):
             raise ValueError("sink_tokens gives the first positions their own *static* scales; "
                              "a dynamic plan without a static KV cache has none")
         if self.truncation:
@@ -156,8 +174,14 @@ class QuantPlan:
             bits += " GPTQ"
         if self.kv_bits:
             bits += f"KV{self.kv_bits}"
+            if self.kv_mode == "dynamic":
+                bits += " (per-head asym" + (f" clip {self.kv_clip:g}" if self.kv_clip != 1 else "") + ")"
+            if self.rotate_qk:
+                bits += " R3"
         if self.a_bits is None:
             if self.kv_bits:
+                if self.kv_mode == "dynamic":
+                    return f"{bits} dynamic KV only"
                 kvg = "per-channel" if self.granularity == "channel" else "per-tensor"
                 return f"{bits} static {kvg} KV only"
             return bits + " weight-only"

@@ -25,7 +25,7 @@ import numpy as np
 
 from sasq.model import ActivationHook
 from sasq.plan import HEAD_SITE, KV_SITES, LINEAR_SITES, QuantPlan
-from sasq.sites import Site, SiteSpec, tie_expand
+from sasq.sites import DYNAMIC_KINDS, Site, SiteSpec, tie_expand
 from sasq.rotate import rotated
 from sasq.transforms import WEIGHT_NAMES, fake_quant_model, quantized_weights
 
@@ -63,7 +63,8 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
     sites = {}
     for i, name, role in specs:
         if role == "kv":
-            kind, bits, folded = "static", plan.kv_bits, False
+            kind = "dynamic_kv" if plan.kv_mode == "dynamic" else "static"
+            bits, folded = plan.kv_bits, False
         elif plan.adapt_control:
             kind, bits, folded = "control", None, False
         elif plan.mode == "dynamic":
@@ -73,10 +74,11 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
         tie = cfg.n_groups if (name == "o_in" and folded) else 1
         spec = SiteSpec(key=HEAD_SITE if name == HEAD_SITE else f"layers.{i}.{name}", layer=i,
                         name=name, channels=channels[name], head_dim=hd, tie=tie)
-        sites[(i, name)] = Site(spec, kind, bits, per_channel=per_ch and kind != "dynamic",
+        sites[(i, name)] = Site(spec, kind, bits, per_channel=per_ch and kind not in DYNAMIC_KINDS,
                                 folded=folded, truncation=plan.truncation and role == "act",
                                 log=plan.param_space == "log", lsq=plan.lsq_grad_scale, dtype=dtype,
-                                sink=plan.sink_tokens, clip=plan.dynamic_clip)
+                                sink=plan.sink_tokens,
+                                clip=plan.kv_clip if kind == "dynamic_kv" else plan.dynamic_clip)
     return sites
 
 
@@ -87,7 +89,7 @@ class QuantModel:
         if not isinstance(plan, QuantPlan):
             raise TypeError(f"plan must be a QuantPlan, got {type(plan).__name__}")
         if plan.rotate:
-            model = rotated(model, plan.rotate_seed)
+            model = rotated(model, plan.rotate_seed, plan.rotate_qk)
         self.model = model
         self.plan = plan
         self.dtype = np.dtype(model.dtype)

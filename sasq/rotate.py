@@ -18,6 +18,9 @@ Steps (Ashkboos et al. 2024, QuaRot), with row-vector activations and y = x W^T:
 4. R4, online before down_proj: the model applies d -> d H_I^T to the SwiGLU output at run time
    (LlamaModel.online_down, the C kernel sasq.ops.hadamard) and down_proj gets W -> W H_I^T, so
    down_in sees rotated activations; the engine fuses it with the quantizer.
+5. R3 (optional, online_qk): queries and keys after RoPE get q -> q H_hd^T, k -> k H_hd^T per head
+   at run time (LlamaModel.online_qk). q k^T is unchanged; a quantized K cache ("k_cache" site,
+   static or dynamic) then rounds rotated keys, whose outlier channels are spread over the head.
 Hadamard sizes that are not powers of two use Kronecker products (sasq.hadamard: 576 = 36 x 16,
 1536 = 12 x 128, 11008 = 344 x 32, ...). The weights are rotated in float64 and rounded once.
 """
@@ -62,18 +65,22 @@ def _cols(w, fn):
     return np.ascontiguousarray(fn(np.ascontiguousarray(w.T)).T)
 
 
-def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool = True):
+def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool = True,
+                 online_qk: bool = False):
     """The rotated model (see module docstring): R1 (randomized Hadamard with `seed`), R2 per head
     (heads=True) and the online R4 before down_proj (online_down: True, False, or "auto" = when
-    a Hadamard of the intermediate size can be built; stories260K's 172 = 4 x 43 cannot). Pure:
+    a Hadamard of the intermediate size can be built; stories260K's 172 = 4 x 43 cannot) and,
+    with online_qk, R3: queries and keys rotated per head after RoPE (run time; q.k unchanged, so
+    only a quantized K cache sees it). Pure:
     `model` is never written; the result's `rotation` dict records what was done."""
-    if getattr(model, "online_down", False):
-        raise ValueError("model is already rotated (online_down is set)")
+    if getattr(model, "online_down", False) or getattr(model, "online_qk", False):
+        raise ValueError("model is already rotated (online_down or online_qk is set)")
     cfg = model.config
     if online_down == "auto":
         online_down = constructible(cfg.intermediate_size)
     for n, what in ((cfg.hidden_size, "hidden size (R1)"), (cfg.head_dim, "head_dim (R2)"),
-                    (cfg.intermediate_size if online_down else 1, "intermediate size (R4)")):
+                    (cfg.intermediate_size if online_down else 1, "intermediate size (R4)"),
+                    (cfg.head_dim if online_qk else 1, "head_dim (R3)")):
         if (what.endswith("(R2)") and not heads) or constructible(n):
             continue
         raise ValueError(f"no Hadamard of the {what} {n} can be built (sasq.hadamard)")
@@ -109,20 +116,25 @@ def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool
     out = m.copy_with(layers=layers, norm=m.norm.astype(dt),
                       embed_tokens=np.ascontiguousarray(read(m.embed_tokens), dtype=dt),
                       lm_head=np.ascontiguousarray(read(m.lm_head), dtype=dt),
-                      online_down=online_down)
+                      online_down=online_down, online_qk=bool(online_qk))
     out.rotation = {"r1": "randomized Hadamard" if seed is not None else "Hadamard", "seed": seed,
                     "r2_per_head": heads, "r4_online_down": online_down,
+                    "r3_online_qk": bool(online_qk),
                     "untied": bool(cfg.tie_word_embeddings)}
     return out
 
 
-def rotated(model, seed):
-    """model rotated with R1 seed `seed` (or model itself when it already is, with that seed)."""
+def rotated(model, seed, online_qk: bool = False):
+    """model rotated with R1 seed `seed` (and R3 when online_qk), or model itself when it already
+    is, the same way."""
     rot = getattr(model, "rotation", None)
     if rot is None:
-        return rotate_model(model, seed=seed)
+        return rotate_model(model, seed=seed, online_qk=online_qk)
     if rot.get("seed") != seed:
         raise ValueError(f"model was rotated with seed {rot.get('seed')}, the plan asks for {seed}")
+    if bool(rot.get("r3_online_qk")) != bool(online_qk):
+        raise ValueError(f"model was rotated {'with' if rot.get('r3_online_qk') else 'without'} "
+                         f"R3 (online_qk), the plan asks {'for' if online_qk else 'against'} it")
     return model
 
 

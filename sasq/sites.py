@@ -162,6 +162,20 @@ class DynamicQuant:
         return g, {}
 
 
+class DynamicKV:
+    """The dynamic KV cache: per token and KV head (head_dim channels), asymmetric min/max grid
+    computed at run time (sasq.kvquant); STE backward."""
+
+    @staticmethod
+    def forward(x, site):
+        from sasq.kvquant import fake_quant_asym_groups
+        return fake_quant_asym_groups(x, site.bits, site.spec.head_dim, site.clip)
+
+    @staticmethod
+    def backward(x, g, site):
+        return g, {}
+
+
 class Clip:
     """The control's hard clamp clip(x, -c, c), no rounding."""
 
@@ -189,11 +203,16 @@ class Gain:
         return g * site.gain, {"gain": (g * x).reshape(-1, x.shape[-1]).sum(0).astype(x.dtype)}
 
 
+DYNAMIC_KINDS = ("dynamic", "dynamic_kv")  # scales computed at run time: no parameters, STE
+
+
 def stage_table(kind: str, truncation: bool) -> tuple:
     if kind == "static":
         return (Truncate, FakeQuant) if truncation else (FakeQuant,)
     if kind == "dynamic":
         return (DynamicQuant,)
+    if kind == "dynamic_kv":
+        return (DynamicKV,)
     if kind == "control":
         return (Truncate if truncation else Clip, Gain)
     raise ValueError(f"unknown site kind {kind!r}")
@@ -222,7 +241,7 @@ class Site:
         self.spec, self.kind, self.bits, self.clip = spec, kind, bits, clip
         self.per_channel, self.folded, self.truncation = per_channel, folded, truncation
         self.log, self.lsq, self.dtype = log, lsq, np.dtype(dtype)
-        self.sink = sink if kind != "dynamic" else 0
+        self.sink = sink if kind not in DYNAMIC_KINDS else 0
         self.emit_codes = False  # set by QuantModel: return int8 codes for an INT8 GEMM
         self.stages = stage_table(kind, truncation)
         self.params: dict[str, np.ndarray] = {}
@@ -293,7 +312,7 @@ class Site:
     def sync(self, divisor: np.ndarray | None = None) -> None:
         """Derive s, c, t, gain from the parameters. `divisor` (channels,): x arrives divided
         by it (v_cache under an o_in fold); a folded site's own scale is handled here."""
-        if self.kind == "dynamic":
+        if self.kind in DYNAMIC_KINDS:
             return
         for k, p in self.params.items():
             if not np.all(np.isfinite(p)):
@@ -389,7 +408,7 @@ class Site:
             raise RuntimeError(f"site {self.key}: backward without a recorded forward "
                                "(use QuantModel.forward_tape, not forward)")
         x, pos = ctx
-        if self.kind == "dynamic":
+        if self.kind in DYNAMIC_KINDS:
             return g
         g = np.ascontiguousarray(g, dtype=x.dtype)
         n_s = self._n_sink(pos, x.shape[1])

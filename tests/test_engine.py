@@ -33,6 +33,10 @@ PLANS = {
     "w4a8-kv": QuantPlan(4, 8, sink_tokens=2, kv_bits=8),
     "rotated": QuantPlan(8, 8, rotate=True, sink_tokens=4),
     "dynamic": QuantPlan(8, 8, mode="dynamic"),
+    # R3 rotates the keys before a static (sink-aware) K cache; QuaRot's dynamic KV form
+    "rotated-r3-kv": QuantPlan(8, 8, rotate=True, sink_tokens=2, kv_bits=6, rotate_qk=True),
+    "quarot-kv4": QuantPlan(8, 8, mode="dynamic", rotate=True, kv_bits=4, kv_mode="dynamic",
+                            kv_clip=0.95, rotate_qk=True),
 }
 
 
@@ -74,7 +78,8 @@ def test_engine_equals_trained_fake_quant_model(stories, tmp_path, name):
     assert e.tokenizer is not None and e.tokenizer.encode("Once") == stories.tokenizer.encode("Once")
 
 
-@pytest.mark.parametrize("name", ["folded", "sink", "trunc", "w4a8-kv"])
+@pytest.mark.parametrize("name", ["folded", "sink", "trunc", "w4a8-kv", "rotated-r3-kv",
+                                  "quarot-kv4"])
 def test_engine_equals_fake_quant_on_random_gqa(gqa, tmp_path, name):
     ids = _ids(GQA.vocab_size, seed=1)
     q = _trained(gqa, PLANS[name], ids)
@@ -180,6 +185,24 @@ def test_tampered_exports_give_one_line_errors(stories, tmp_path):
         assert str(d) in str(err.value) and "\n" not in str(err.value), (what, str(err.value))
     with pytest.raises(ValueError, match="StaticInt8Model"):
         sasq.load(src)  # an export is not a float checkpoint: say what to use
+
+
+def test_tampered_dynamic_kv_sites_give_one_line_errors(stories, tmp_path):
+    q = _trained(stories, PLANS["quarot-kv4"], _ids(stories.config.vocab_size), steps=0)
+    src = sasq.export(q, tmp_path / "ok")
+    kc = "layers.0.k_cache"
+    cases = {
+        "group is not head_dim": (lambda e: e["sites"][kc].update(group=3), "group"),
+        "clip out of range": (lambda e: e["sites"][kc].update(clip=1.5), "clip"),
+        "clip not a number": (lambda e: e["sites"][kc].update(clip="x"), "clip"),
+        "dynamic_kv on a linear": (lambda e: e["sites"]["layers.0.o_in"].update(kind="dynamic_kv",
+                                                                                group=8), "KV site"),
+    }
+    for i, (what, (edit, match)) in enumerate(cases.items()):
+        d = _tamper(src, tmp_path / f"t{i}", edit_engine=edit)
+        with pytest.raises(ValueError, match=match) as err:
+            sasq.StaticInt8Model.from_pretrained(d)
+        assert str(d) in str(err.value) and "\n" not in str(err.value), (what, str(err.value))
 
 
 def test_compressed_tensors_consumer_agrees(stories, tmp_path):

@@ -58,6 +58,10 @@ def snapshot(m):
     dict(smoothquant_alpha=1.5), dict(smoothquant_alpha=0.5, granularity="channel"),
     dict(a_bits=None, smoothquant_alpha=0.5), dict(truncation=True, mode="dynamic"),
     dict(a_bits=None, truncation=True), dict(param_space="sqrt"),
+    dict(kv_mode="dynamic"), dict(kv_bits=4, kv_mode="per-head"), dict(kv_bits=4, kv_clip=0.9),
+    dict(kv_bits=4, kv_mode="dynamic", kv_clip=0.0), dict(kv_bits=4, kv_mode="dynamic", kv_clip=True),
+    dict(rotate_qk=True, kv_bits=8), dict(rotate_qk=True, rotate=True),
+    dict(mode="dynamic", kv_bits=4, kv_mode="dynamic", sink_tokens=2),
 ])
 def test_bad_plans_raise(kwargs):
     with pytest.raises(ValueError):
@@ -69,7 +73,11 @@ def test_labels_distinguish_the_baselines():
              QuantPlan(8, 8, granularity="channel", fold=False), QuantPlan(8, 8, mode="dynamic"),
              QuantPlan(8, 8, smoothquant_alpha=0.5), QuantPlan(8, 8, smoothquant_alpha=0.5, mode="dynamic"),
              QuantPlan(8, 8, truncation=True), QuantPlan(None, None, adapt_control=True),
-             QuantPlan(None, None, adapt_control=True, granularity="channel"), QuantPlan(4, 8)]
+             QuantPlan(None, None, adapt_control=True, granularity="channel"), QuantPlan(4, 8),
+             QuantPlan(4, 4, mode="dynamic", kv_bits=4), QuantPlan(4, 4, mode="dynamic", kv_bits=4,
+                                                                  kv_mode="dynamic"),
+             QuantPlan(4, 4, mode="dynamic", rotate=True, kv_bits=4, kv_mode="dynamic",
+                       rotate_qk=True)]
     labels = [p.label for p in plans]
     assert len(set(labels)) == len(labels), labels
     assert plans[0].label == "FP32"
@@ -368,7 +376,8 @@ def test_smoothquant_forward(model, ids):
 @pytest.mark.parametrize("plan", [QuantPlan(8, 8, kv_bits=8, granularity="channel"),
                                   QuantPlan(8, 8, mode="dynamic", kv_bits=4),
                                   QuantPlan(8, 6, kv_bits=6, granularity="channel", sink_tokens=5),
-                                  QuantPlan(8, 6, truncation=True, sink_tokens=4)],
+                                  QuantPlan(8, 6, truncation=True, sink_tokens=4),
+                                  QuantPlan(8, 6, kv_bits=4, kv_mode="dynamic", sink_tokens=2)],
                          ids=lambda p: p.label)
 def test_generate_with_cache_matches_full_forward(plan, ids):
     """Decode positions < sink_tokens use the sink scales, exactly as a full forward does."""
@@ -378,7 +387,8 @@ def test_generate_with_cache_matches_full_forward(plan, ids):
     toks = q.generate(prompt, 5)
     full = q.forward(np.array([prompt + toks[:-1]]))[0]
     np.testing.assert_array_equal(np.argmax(full[len(prompt) - 1:], -1), toks)
-    assert not plan.kv_bits or "layers.0.k_cache.log_scale" in q.params
+    static_kv = plan.kv_bits and plan.kv_mode == "static"
+    assert ("layers.0.k_cache.log_scale" in q.params) == bool(static_kv)
 
 
 def test_float32_c_kernels_match_numpy_twin(ids, monkeypatch):

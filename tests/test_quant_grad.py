@@ -133,6 +133,19 @@ def _wq(w, bits):
     return np.clip(np.rint(w / s), -qm, qm) * s
 
 
+def _asym_heads(x, bits, hd, clip):
+    """Asymmetric min/max rounding per row and head (written here, loop form)."""
+    y = np.empty_like(x)
+    n = 2 ** bits - 1
+    flat, out = x.reshape(-1, hd), y.reshape(-1, hd)
+    for r, v in enumerate(flat):
+        lo, hi = clip * min(v.min(), 0.0), clip * max(v.max(), 0.0)
+        s = (hi - lo) / n if hi > lo else 1.0
+        z = np.rint(-lo / s)
+        out[r] = (np.clip(np.rint(v / s) + z, 0, n) - z) * s
+    return y
+
+
 def _sigmoid(a):
     return 1 / (1 + np.exp(-a))
 
@@ -229,6 +242,10 @@ class Surrogate(ActivationHook):
                 s = np.abs(x).max(-1, keepdims=True) / qm
                 self.frozen[key] = np.clip(np.rint(x / s), -qm, qm) * s - x
             return x + self.frozen[key]
+        if st.kind == "dynamic_kv":
+            if self.recording:
+                self.frozen[key] = _asym_heads(x, st.bits, self.hd, st.clip) - x
+            return x + self.frozen[key]
         p, hd = self.p, self.hd
         s = _expand(self.val(p, st.scale_key), st.channels, st.spec.tie, hd)
         sig = _expand(_sigmoid(p[st.rho_key]), st.channels, st.spec.tie, hd) if st.rho_key else None
@@ -317,6 +334,11 @@ SURROGATE_PLANS = [
     QuantPlan(w_bits=8, a_bits=5, kv_bits=5, sink_tokens=3, quant_head=True),
     QuantPlan(w_bits=8, a_bits=4, granularity="channel", kv_bits=6, sink_tokens=1,
               param_space="linear"),
+    # rotated with R3: the k_cache site rounds rotated keys; its gradient passes back through
+    # the per-head Hadamard (and the online R4 before down_in)
+    QuantPlan(w_bits=8, a_bits=6, rotate=True, rotate_qk=True, kv_bits=5, sink_tokens=1),
+    # QuaRot's KV form: dynamic asymmetric per (token, head), straight through
+    QuantPlan(w_bits=8, a_bits=6, kv_bits=4, kv_mode="dynamic", kv_clip=0.95),
 ]
 
 

@@ -100,3 +100,58 @@ def test_smollm2_rotation_float32(smollm2):
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 96))
     a, b = m.forward(ids), r.forward(ids)
     assert np.abs(a - b).max() / np.abs(a).max() < F32_REL
+
+
+@pytest.mark.parametrize("seed", [None, 5])
+def test_r3_keeps_the_function_and_rotates_the_k_cache(model, seed):
+    """R3 (online_qk): q and k rotated per head after RoPE; q.k is unchanged, so logits and
+    decode equal the original's to float64 rounding, while the k_cache site sees rotated keys."""
+    class Keys(Observer):
+        def __init__(self):
+            self.k = {}
+
+        def observe(self, layer, site, x, pos):
+            if site == "k_cache":
+                self.k[layer] = x.copy()
+
+    ids = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 9))
+    plain, r3 = rotate_model(model, seed=seed), rotate_model(model, seed=seed, online_qk=True)
+    assert r3.online_qk and r3.rotation["r3_online_qk"] and not plain.online_qk
+    np.testing.assert_allclose(r3.forward(ids), model.forward(ids), rtol=F64_RTOL, atol=F64_RTOL)
+    assert r3.generate([3, 1, 4], 6) == model.generate([3, 1, 4], 6)
+    a, b = Keys(), Keys()
+    plain.forward(ids, hook=a)
+    r3.forward(ids, hook=b)
+    hd = CFG.hidden_size // CFG.num_attention_heads
+    want = hadamard_rows(a.k[1].reshape(2, 9, -1, hd)).reshape(a.k[1].shape)
+    np.testing.assert_allclose(b.k[1], want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="already rotated"):
+        rotate_model(r3)
+
+
+def test_r3_backward_matches_finite_differences(model):
+    r = rotate_model(model, seed=2, online_qk=True)
+    ids = np.random.default_rng(5).integers(0, CFG.vocab_size, (1, 6))
+    g = np.random.default_rng(6).standard_normal((1, 6, CFG.vocab_size))
+    base = r.copy_with(lm_head=r.lm_head.copy())
+    d_embed = base.backward(base.forward_tape(ids), g)
+    emb = base.embed_tokens
+    for t, c in [(0, 1), (3, 7), (5, 15)]:
+        vals = []
+        for sgn in (1, -1):
+            e = emb.copy()
+            e[ids[0, t], c] += sgn * FD_EPS
+            vals.append(np.sum(base.copy_with(embed_tokens=e).forward(ids) * g))
+        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
+        got = d_embed[ids == ids[0, t]][:, c].sum()  # every position holding that token
+        assert abs(got - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, got, fd)
+
+
+def test_stories260k_r3_float32(stories_dir):
+    m = sasq.load(stories_dir)
+    r = rotate_model(m, seed=0, online_qk=True)
+    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 64))
+    a, b = m.forward(ids), r.forward(ids)
+    assert np.abs(a - b).max() / np.abs(a).max() < F32_REL
+    c = r.astype(np.float64)  # astype keeps the online transforms
+    assert c.online_qk and c.online_down == r.online_down
