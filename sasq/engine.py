@@ -58,6 +58,7 @@ class Quantizer:
     clip: float = 1.0                    # dynamic: clip ratio
     hadamard: bool = False               # online Hadamard before quantizing (rotated down_in)
     group: int = 0                       # "dynamic_kv": channels per asymmetric group (head_dim)
+    small: np.ndarray | None = None      # the Hadamard's (m, m) factor when not the default one
 
     def __post_init__(self):
         # validated once at load (from_pretrained): the per-token path calls the C entry points
@@ -68,8 +69,8 @@ class Quantizer:
         T = x.shape[-2]
         if self.hadamard:
             if self.kind == "static" and self.threshold is None and self._n_sink(pos, T) == 0:
-                return ops.hadamard_quantize(x, self.scale, self.bits), self.scale  # fused
-            x = ops.hadamard(x)
+                return ops.hadamard_quantize(x, self.scale, self.bits, small=self.small), self.scale
+            x = ops.hadamard(x, small=self.small)
         if self.kind == "dynamic":
             codes, s = ops.quantize_dynamic(x, self.bits, self.clip)  # per token, at run time
             return codes, s.reshape(-1)
@@ -180,6 +181,17 @@ class StaticInt8Model:
         n, C, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
         embed = get("model.embed_tokens.weight", np.float32, (V, C))
         norms, linears, quant, kvq = [], [], [], []
+        small = None  # R4's orthogonal factor (an intermediate size without a Hadamard)
+        if eng.get("online_down_small") is not None:
+            small = ext.get(eng["online_down_small"]) if isinstance(eng["online_down_small"], str) else None
+            if small is None or small.ndim != 2 or small.shape[0] != small.shape[1] \
+                    or config.intermediate_size % small.shape[0] or not np.all(np.isfinite(small)):
+                raise ValueError(f"{path}: online_down_small must name a finite square tensor of "
+                                 f"{EXT_FILE} whose order divides {config.intermediate_size}")
+            m = small.shape[0]
+            if not np.allclose(small @ small.T, m * np.eye(m), atol=1e-4 * m):
+                raise ValueError(f"{path}: online_down_small is not orthogonal (S S^T != m I)")
+            small = np.ascontiguousarray(small, np.float32)
         for i in range(n):
             pre = f"model.layers.{i}."
             norms.append((get(pre + "input_layernorm.weight", np.float32, (C,)),
@@ -200,6 +212,7 @@ class StaticInt8Model:
                                     np.ascontiguousarray(np.concatenate(scales)), tuple(splits))
                 qs[site] = _quantizer(path, eng, ext, f"layers.{i}.{site}", dynamic, dynamic_clip)
             qs["down_in"].hadamard = bool(eng.get("online_down"))
+            qs["down_in"].small = small
             linears.append(lin)
             quant.append(qs)
             kvq.append({s: _quantizer(path, eng, ext, f"layers.{i}.{s}", False, 1.0, config.head_dim)

@@ -166,9 +166,13 @@ def export(qmodel, out_dir, overwrite: bool = False) -> Path:
         # transformers only warns on an unknown quant_method and would read the int8 codes as
         # float weights; an unknown model type makes every other consumer refuse the directory
         config["model_type"], config["architectures"] = SASQ_MODEL_TYPE, [SASQ_ARCHITECTURE]
+    small = getattr(deploy, "online_down_small", None)  # R4 factor of a size without Hadamard
+    if small is not None:
+        ext["online_down.small"] = np.ascontiguousarray(small, np.float32)
     engine = {"format": FORMAT_VERSION, "plan": plan.to_dict(), "label": plan.label,
               "sites": sites_doc, "online_down": bool(deploy.online_down),
               "online_qk": bool(getattr(deploy, "online_qk", False)),
+              "online_down_small": None if small is None else "online_down.small",
               "rotation": getattr(qmodel.model, "rotation", None),
               "expressible_by_compressed_tensors": ct_expressible(plan),
               "grid": "symmetric [-qmax, qmax], qmax = 2^(bits-1) - 1; round half to even",

@@ -249,6 +249,25 @@ def hadamard_matrix(n: int, normalize: bool = True, dtype=np.float64) -> np.ndar
     return h
 
 
+MAX_ORTHOGONAL_ORDER = 256  # the dense m-term sum of the fast transform grows with m
+
+
+def orthogonal_factor(n: int, seed) -> np.ndarray:
+    """S (m, m) float64 with S S^T = m I, m the odd part of n: sqrt(m) times a random orthogonal
+    matrix (QR of a Gaussian, signs fixed by R's diagonal; numpy default_rng(seed)). Then
+    kron(S, H_{2^k}) / sqrt(n) is orthonormal and mixes every input into every output, like a
+    Hadamard: the rotation for sizes with no Hadamard construction here (stories260K's
+    intermediate 172 = 43 * 4). Its entries are not +-1, so float32 kernels round S once."""
+    n = _positive_int(n, "n")
+    m = n >> ((n & -n).bit_length() - 1)
+    if m > MAX_ORTHOGONAL_ORDER:
+        raise ValueError(f"n = {n}: its odd part {m} exceeds MAX_ORTHOGONAL_ORDER = "
+                         f"{MAX_ORTHOGONAL_ORDER} (the transform's dense m-term sum)")
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((m, m)))
+    q *= np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+    return q * math.sqrt(m)
+
+
 def random_signs(n: int, seed) -> np.ndarray:
     """d (n,) float64 of independent +-1 (numpy default_rng(seed))."""
     n = _positive_int(n, "n")

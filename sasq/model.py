@@ -32,14 +32,14 @@ from sasq.qtensor import linear
 from sasq.sampling import generate
 
 
-def online_hadamard(d):
+def online_hadamard(d, small=None):
     from sasq.rotate import online_hadamard as f
-    return f(d)
+    return f(d, small)
 
 
-def online_hadamard_backward(g):
+def online_hadamard_backward(g, small=None):
     from sasq.rotate import online_hadamard_backward as f
-    return f(g)
+    return f(g, small)
 
 
 def head_hadamard(x, transpose=False):
@@ -377,7 +377,7 @@ class LlamaModel:
     """Frozen LLaMA weights plus forward, backward and generation."""
 
     def __init__(self, config: LlamaConfig, embed_tokens, layers, norm, lm_head, tokenizer=None,
-                 online_down: bool = False, online_qk: bool = False):
+                 online_down: bool = False, online_qk: bool = False, online_down_small=None):
         self.config = config
         self.embed_tokens = embed_tokens  # (V, C)
         self.layers: list[LayerWeights] = list(layers)
@@ -387,6 +387,7 @@ class LlamaModel:
         # A rotated model (sasq.rotate) applies an orthonormal Hadamard to the SwiGLU output before
         # the "down_in" site (its transpose is fused into down_proj): part of its function.
         self.online_down = online_down
+        self.online_down_small = online_down_small  # (m, m) factor when I has no Hadamard
         # R3 (sasq.rotate, rotate_qk): queries and keys after RoPE rotated per head by the same
         # orthonormal Hadamard; q.k is unchanged, the "k_cache" site sees rotated keys.
         self.online_qk = online_qk
@@ -436,13 +437,13 @@ class LlamaModel:
         lm_head = embed if self.lm_head is self.embed_tokens else np.asarray(self.lm_head, dtype)
         return LlamaModel(self.config, embed, [lw.astype(dtype) for lw in self.layers],
                           np.asarray(self.norm, dtype=dtype), lm_head, self.tokenizer,
-                          self.online_down, self.online_qk)
+                          self.online_down, self.online_qk, self.online_down_small)
 
     def copy_with(self, **fields) -> "LlamaModel":
         """Shallow copy with some attributes replaced (config, embed_tokens, layers, norm,
-        lm_head, tokenizer, online_down, online_qk)."""
+        lm_head, tokenizer, online_down, online_qk, online_down_small)."""
         allowed = {"config", "embed_tokens", "layers", "norm", "lm_head", "tokenizer", "online_down",
-                   "online_qk"}
+                   "online_qk", "online_down_small"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"copy_with: unknown fields {sorted(bad)}")
@@ -541,7 +542,7 @@ class LlamaModel:
         if not keep:
             del gate, up
         if self.online_down:
-            d = online_hadamard(d)  # d H^T (sasq.rotate); down_proj holds W H^T
+            d = online_hadamard(d, self.online_down_small)  # d H^T (sasq.rotate); down_proj holds W H^T
         d = at("down_in", d)
         x_out = self._linear(i, "down_proj", d, w.down_proj)
         del d
@@ -564,7 +565,7 @@ class LlamaModel:
         dd = L.linear_backward(dx, w.down_proj)  # (B, T, I)
         dd = at("down_in", dd)
         if self.online_down:
-            dd = online_hadamard_backward(dd)
+            dd = online_hadamard_backward(dd, self.online_down_small)
         dgate, dup = L.swiglu_backward(dd, s["gate"], s["up"])
         del dd
         dh2 = L.linear_backward(dgate, w.gate_proj)  # (B, T, C)

@@ -17,7 +17,10 @@ Steps (Ashkboos et al. 2024, QuaRot), with row-vector activations and y = x W^T:
    not channels, so the rotation passes through it.
 4. R4, online before down_proj: the model applies d -> d H_I^T to the SwiGLU output at run time
    (LlamaModel.online_down, the C kernel sasq.ops.hadamard) and down_proj gets W -> W H_I^T, so
-   down_in sees rotated activations; the engine fuses it with the quantizer.
+   down_in sees rotated activations; the engine fuses it with the quantizer. Where the
+   intermediate size has no Hadamard construction (stories260K's 172 = 43 x 4), H_I is
+   kron(S, H_4) / sqrt(I) with S a seeded random orthogonal 43 x 43 scaled to S S^T = 43 I
+   (sasq.hadamard.orthogonal_factor): the same kernel, every output still mixes every input.
 5. R3 (optional, online_qk): queries and keys after RoPE get q -> q H_hd^T, k -> k H_hd^T per head
    at run time (LlamaModel.online_qk). q k^T is unchanged; a quantized K cache ("k_cache" site,
    static or dynamic) then rounds rotated keys, whose outlier channels are spread over the head.
@@ -33,18 +36,27 @@ from sasq.transforms import fold_norms
 
 __all__ = ["rotate_model", "hadamard_rows", "online_hadamard", "online_hadamard_backward"]
 
+R4_SEED = 0  # the orthogonal R4 factor's seed when R1 is the plain (unseeded) Hadamard
+
 
 def hadamard_rows(x: np.ndarray, transpose: bool = False, signs: np.ndarray | None = None,
-                  head: int | None = None) -> np.ndarray:
+                  head: int | None = None, small: np.ndarray | None = None) -> np.ndarray:
     """float64 y = (x * signs) M^T (x M with transpose) over the last axis, M the orthonormal
-    Hadamard of that size (sasq.hadamard layout); with `head`, per block of `head` channels.
-    Fast: Walsh-Hadamard butterflies for the 2^k part, a small matmul for the m part."""
+    Hadamard of that size (sasq.hadamard layout), or kron(small, H_{2^k}) / sqrt(n) with a given
+    (m, m) `small` (small small^T = m I; sasq.hadamard.orthogonal_factor); with `head`, per block
+    of `head` channels. Fast: butterflies for the 2^k part, a small matmul for the m part."""
     y = np.array(x, dtype=np.float64)
     if signs is not None:
         y *= signs
     n = head or y.shape[-1]
     lead = y.shape
-    m, k = had.hadamard_factors(n)
+    if small is None:
+        m, k = had.hadamard_factors(n)
+    else:
+        m = small.shape[0]
+        k = (n // m).bit_length() - 1
+        if n % m or (1 << k) != n // m:
+            raise ValueError(f"a ({m}, {m}) factor does not make a transform of size {n} = m * 2^k")
     p = 1 << k
     z = y.reshape(-1, m, p)  # (rows, m, p): element a * p + b
     h = 1
@@ -55,7 +67,7 @@ def hadamard_rows(x: np.ndarray, transpose: bool = False, signs: np.ndarray | No
         v[:, :, :, 1, :] = a - b
         h *= 2
     if m > 1:
-        s = had.small_hadamard(m).astype(np.float64)
+        s = (had.small_hadamard(m) if small is None else small).astype(np.float64)
         z = np.einsum("ij,rjb->rib", s.T if transpose else s, z)
     return (z / np.sqrt(n)).reshape(lead)
 
@@ -76,10 +88,16 @@ def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool
     if getattr(model, "online_down", False) or getattr(model, "online_qk", False):
         raise ValueError("model is already rotated (online_down or online_qk is set)")
     cfg = model.config
+    I = cfg.intermediate_size
     if online_down == "auto":
-        online_down = constructible(cfg.intermediate_size)
+        online_down = constructible(I) or orthogonal_constructible(I)
+    small = None  # R4's (m, m) factor when no Hadamard of the intermediate size exists
+    if online_down and not constructible(I):
+        if not orthogonal_constructible(I):
+            raise ValueError(f"no Hadamard or orthogonal Kronecker factor of the intermediate size "
+                             f"{I} (R4) can be built (sasq.hadamard)")
+        small = had.orthogonal_factor(I, R4_SEED if seed is None else seed)
     for n, what in ((cfg.hidden_size, "hidden size (R1)"), (cfg.head_dim, "head_dim (R2)"),
-                    (cfg.intermediate_size if online_down else 1, "intermediate size (R4)"),
                     (cfg.head_dim if online_qk else 1, "head_dim (R3)")):
         if (what.endswith("(R2)") and not heads) or constructible(n):
             continue
@@ -109,16 +127,19 @@ def rotate_model(model, seed: int | None = None, online_down="auto", heads: bool
             o = hadamard_rows(o, head=hd)
         new["v_proj"], new["o_proj"] = v, o
         d = write(lw.down_proj)
-        new["down_proj"] = hadamard_rows(d) if online_down else d  # W H_I^T
+        new["down_proj"] = hadamard_rows(d, small=small) if online_down else d  # W H_I^T
         new = {k: np.ascontiguousarray(a, dtype=dt) for k, a in new.items()}
         layers.append(type(lw)(**new, input_layernorm=lw.input_layernorm.astype(dt),
                                post_attention_layernorm=lw.post_attention_layernorm.astype(dt)))
     out = m.copy_with(layers=layers, norm=m.norm.astype(dt),
                       embed_tokens=np.ascontiguousarray(read(m.embed_tokens), dtype=dt),
                       lm_head=np.ascontiguousarray(read(m.lm_head), dtype=dt),
-                      online_down=online_down, online_qk=bool(online_qk))
+                      online_down=bool(online_down), online_qk=bool(online_qk),
+                      online_down_small=small)
     out.rotation = {"r1": "randomized Hadamard" if seed is not None else "Hadamard", "seed": seed,
-                    "r2_per_head": heads, "r4_online_down": online_down,
+                    "r2_per_head": heads, "r4_online_down": bool(online_down),
+                    "r4": (None if not online_down else "Hadamard" if small is None else
+                           f"random orthogonal {small.shape[0]} (x) Hadamard {I // small.shape[0]}"),
                     "r3_online_qk": bool(online_qk),
                     "untied": bool(cfg.tie_word_embeddings)}
     return out
@@ -146,17 +167,26 @@ def constructible(n: int) -> bool:
         return False
 
 
-def online_hadamard(d: np.ndarray) -> np.ndarray:
-    """The run-time R4: d (..., I) -> d H_I^T (C kernel for float32, float64 twin otherwise)."""
+def orthogonal_constructible(n: int) -> bool:
+    try:
+        had.orthogonal_factor(n, 0)
+        return True
+    except ValueError:
+        return False
+
+
+def online_hadamard(d: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
+    """The run-time R4: d (..., I) -> d H_I^T (C kernel for float32, float64 twin otherwise);
+    `small`: the model's orthogonal factor when I has no Hadamard (LlamaModel.online_down_small)."""
     if d.dtype == np.float32:
         from sasq import ops
-        return ops.hadamard(np.ascontiguousarray(d))
-    return hadamard_rows(d).astype(d.dtype)
+        return ops.hadamard(np.ascontiguousarray(d), small=small)
+    return hadamard_rows(d, small=small).astype(d.dtype)
 
 
-def online_hadamard_backward(g: np.ndarray) -> np.ndarray:
+def online_hadamard_backward(g: np.ndarray, small: np.ndarray | None = None) -> np.ndarray:
     """Gradient of online_hadamard: g H_I (the transpose; Paley I factors are not symmetric)."""
     if g.dtype == np.float32:
         from sasq import ops
-        return ops.hadamard(np.ascontiguousarray(g), transpose=True)
-    return hadamard_rows(g, transpose=True).astype(g.dtype)
+        return ops.hadamard(np.ascontiguousarray(g), small=small, transpose=True)
+    return hadamard_rows(g, small=small, transpose=True).astype(g.dtype)

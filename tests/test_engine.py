@@ -187,6 +187,27 @@ def test_tampered_exports_give_one_line_errors(stories, tmp_path):
         sasq.load(src)  # an export is not a float checkpoint: say what to use
 
 
+def test_orthogonal_r4_factor_is_exported_and_checked(stories, tmp_path):
+    """stories260K's 172 has no Hadamard: the rotated export carries R4's (43, 43) factor; a
+    missing or non-orthogonal one is refused in one line."""
+    from sasq.io.safetensors import load_safetensors, save_safetensors
+    q = _trained(stories, PLANS["rotated"], _ids(stories.config.vocab_size), steps=0)
+    src = sasq.export(q, tmp_path / "ok")
+    assert json.loads((src / "sasq_engine.json").read_text())["online_down_small"] == "online_down.small"
+    ext = {k: np.array(v) for k, v in load_safetensors(src / "sasq_extensions.safetensors").items()}
+    np.testing.assert_array_equal(ext["online_down.small"], q.model.online_down_small.astype(np.float32))
+    for i, (edit, match) in enumerate([(lambda t: t.pop("online_down.small"), "online_down_small"),
+                                       (lambda t: t["online_down.small"].__setitem__((0, 0), 3.0),
+                                        "orthogonal")]):
+        d = _tamper(src, tmp_path / f"t{i}")
+        t = {k: np.array(v) for k, v in load_safetensors(d / "sasq_extensions.safetensors").items()}
+        edit(t)
+        save_safetensors(d / "sasq_extensions.safetensors", t)
+        with pytest.raises(ValueError, match=match) as err:
+            sasq.StaticInt8Model.from_pretrained(d)
+        assert str(d) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_tampered_dynamic_kv_sites_give_one_line_errors(stories, tmp_path):
     q = _trained(stories, PLANS["quarot-kv4"], _ids(stories.config.vocab_size), steps=0)
     src = sasq.export(q, tmp_path / "ok")

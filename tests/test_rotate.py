@@ -35,6 +35,48 @@ def test_fast_float64_transform_is_the_dense_matrix(n, transpose):
                                rtol=0, atol=1e-12)
 
 
+def test_orthogonal_factor_transform_is_the_dense_matrix():
+    from sasq.hadamard import orthogonal_factor, sylvester
+    S = orthogonal_factor(172, 3)
+    np.testing.assert_allclose(S @ S.T, 43 * np.eye(43), atol=1e-12)
+    M = np.kron(S, sylvester(2).astype(np.float64)) / np.sqrt(172)
+    np.testing.assert_allclose(M @ M.T, np.eye(172), atol=1e-12)
+    x = np.random.default_rng(0).standard_normal((5, 172))
+    for tr in (False, True):
+        np.testing.assert_allclose(hadamard_rows(x, tr, small=S), x @ (M if tr else M.T), atol=1e-12)
+        # the float32 C kernel with the same factor (rounded to float32 once)
+        from sasq import ops
+        got = ops.hadamard(x.astype(np.float32), small=S, transpose=tr)
+        np.testing.assert_allclose(got, x @ (M if tr else M.T), atol=2e-5)
+    with pytest.raises(ValueError, match="factor"):
+        hadamard_rows(x[:, :170], small=S)
+    with pytest.raises(ValueError, match="MAX_ORTHOGONAL_ORDER"):
+        orthogonal_factor(2 * 257, 0)
+
+
+def test_orthogonal_r4_is_the_same_function_and_differentiated():
+    """A model whose intermediate size has no Hadamard (10 = 5 x 2): R4 by the orthogonal
+    factor; same function in float64, and its backward matches finite differences."""
+    cfg = LlamaConfig(vocab_size=29, hidden_size=16, intermediate_size=10, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    m = random_model(cfg, seed=8).astype(np.float64)
+    r = rotate_model(m, seed=1)
+    assert r.online_down and r.online_down_small.shape == (5, 5)
+    ids = np.random.default_rng(7).integers(0, 29, (1, 7))
+    np.testing.assert_allclose(r.forward(ids), m.forward(ids), rtol=F64_RTOL, atol=F64_RTOL)
+    g = np.random.default_rng(8).standard_normal((1, 7, 29))
+    d_embed = r.backward(r.forward_tape(ids), g)
+    for t, c in [(1, 2), (6, 9)]:
+        vals = []
+        for sgn in (1, -1):
+            e = r.embed_tokens.copy()
+            e[ids[0, t], c] += sgn * FD_EPS
+            vals.append(np.sum(r.copy_with(embed_tokens=e).forward(ids) * g))
+        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
+        got = d_embed[ids == ids[0, t]][:, c].sum()
+        assert abs(got - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, got, fd)
+
+
 @pytest.mark.parametrize("seed", [None, 7])
 def test_rotated_model_is_the_same_function(model, seed):
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 11))
@@ -86,7 +128,11 @@ def test_online_hadamard_backward_matches_finite_differences(model):
 def test_stories260k_rotation_float32(stories_dir):
     m = sasq.load(stories_dir)
     r = rotate_model(m, seed=0)
-    assert not r.online_down  # 172 = 4 x 43: no Hadamard construction, R1 and R2 only
+    # 172 = 43 x 4 has no Hadamard construction: R4 is kron(S, H_4) / sqrt(172), S a seeded
+    # random orthogonal 43 x 43 scaled to S S^T = 43 I
+    assert r.online_down and r.online_down_small.shape == (43, 43)
+    assert r.rotation["r4"] == "random orthogonal 43 (x) Hadamard 4"
+    assert not rotate_model(m, seed=0, online_down=False).online_down
     ids = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 64))
     a, b = m.forward(ids), r.forward(ids)
     assert np.abs(a - b).max() / np.abs(a).max() < F32_REL
