@@ -266,10 +266,12 @@ def collect_hessians(model, windows, sites=("attn_in", "o_in", "mlp_in", "down_i
 # --------------------------------------------------------------------------- a model
 
 def gptq_model_weights(model, hessians: dict, bits: int, block_size: int = 128,
-                       damp: float = 0.01, act_order: bool = False, progress: bool = True) -> dict:
+                       damp: float = 0.01, act_order: bool = False, w_clip: bool = False,
+                       progress: bool = True) -> dict:
     """{(layer, matrix): (codes, scales)} for the seven linear weights of every decoder layer,
     from hessians[(layer, site)] (MATRIX_SITES). The consumers of one site are rounded as one
-    stacked matrix (the same H, and GPTQ treats rows independently). Never writes into model."""
+    stacked matrix (the same H, and GPTQ treats rows independently); w_clip: each row's scale
+    searched first (sasq.wclip), else absmax. Never writes into model."""
     from sasq.progress import bar
 
     grid.check_bits(bits)
@@ -284,7 +286,12 @@ def gptq_model_weights(model, hessians: dict, bits: int, block_size: int = 128,
                 mats = [getattr(lw, name) for name in names]
                 stacked = mats[0] if len(mats) == 1 else np.concatenate(mats, axis=0)
                 try:
-                    codes, scales = gptq_quantize(stacked, h, bits, block_size, damp, act_order)
+                    sc = None
+                    if w_clip:
+                        from sasq.wclip import search_scales
+                        sc = search_scales(stacked, bits)
+                    codes, scales = gptq_quantize(stacked, h, bits, block_size, damp, act_order,
+                                                  scales=sc)
                 except ValueError as e:
                     raise ValueError(f"layer {i} {'/'.join(names)}: {e}") from None
                 r0 = 0

@@ -146,6 +146,8 @@ def describe(key: str, plan) -> dict:
     if plan is None:
         return {"granularity": "-", "form": "-", "mode": "-", "weights": "-"}
     weights = "-" if plan.w_bits is None else f"{plan.weights.upper()} per-channel W{plan.w_bits}"
+    if plan.w_bits is not None and plan.w_clip:
+        weights += " (searched clip)"
     if plan.rotate:
         weights += ", rotated"
     if plan.a_bits is None and not plan.adapt_control:

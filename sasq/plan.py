@@ -59,6 +59,7 @@ class QuantPlan:
     rotate_qk: bool = False            # R3: online per-head Hadamard on queries/keys (K cache)
     weights: str = "rtn"               # "rtn" round-to-nearest | "gptq" (calibration Hessians)
     dynamic_clip: float = 1.0          # dynamic per-token scale = clip * absmax / qmax
+    w_clip: bool = False               # weight scales searched per row (sasq.wclip; QuaRot's)
 
     def __post_init__(self):
         def bits_ok(name, v):
@@ -119,6 +120,13 @@ class QuantPlan:
                 raise ValueError("weights='gptq' rounds the weights once, from calibration "
                                  "Hessians; a per-channel fold or SmoothQuant changes them (use a "
                                  "per-tensor, dynamic or weight-only plan)")
+        if self.w_clip:
+            if self.w_bits is None:
+                raise ValueError("w_clip searches weight scales: it needs w_bits")
+            if self.folded or self.smoothquant_alpha is not None:
+                raise ValueError("w_clip fixes the weight scales once; a per-channel fold or "
+                                 "SmoothQuant changes the weights (use a per-tensor, dynamic or "
+                                 "weight-only plan)")
         c = self.dynamic_clip
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
             raise ValueError(f"QuantPlan.dynamic_clip must be in (0, 1], got {c!r}")
@@ -172,6 +180,8 @@ class QuantPlan:
             bits += " rotated"
         if self.weights == "gptq":
             bits += " GPTQ"
+        if self.w_clip:
+            bits += " wclip"
         if self.kv_bits:
             bits += f"KV{self.kv_bits}"
             if self.kv_mode == "dynamic":

@@ -82,6 +82,14 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
     return sites
 
 
+def clipped_rtn_weights(model, bits: int) -> dict:
+    """(layer, matrix) -> (codes, scales): RTN per row on scales searched for the least rounding
+    error (sasq.wclip), every linear of every decoder layer."""
+    from sasq.wclip import quantize_rows, search_scales
+    return {(i, n): quantize_rows(getattr(lw, n), search_scales(getattr(lw, n), bits), bits)
+            for i, lw in enumerate(model.layers) for n in WEIGHT_NAMES}
+
+
 class QuantModel:
     """Fake-quant view of a frozen LlamaModel (see the module docstring)."""
 
@@ -109,7 +117,11 @@ class QuantModel:
                     n = s.channels // cfg.n_groups if s.name == "o_in" else s.channels
                     self.smooth[s.key] = np.ones(n, self.dtype)
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.gptq: dict | None = None  # (layer, matrix) -> (codes, scales), set by calibrate
+        # (layer, matrix) -> (codes, scales) fixed once: GPTQ's (set by calibrate) or, with
+        # w_clip and RTN, round-to-nearest on searched scales (data-free, now)
+        self.gptq: dict | None = None
+        if plan.w_clip and plan.weights == "rtn":
+            self.gptq = clipped_rtn_weights(model, plan.w_bits)
         # A deployable float32 plan runs its linears through the INT8 GEMM (sasq.qtensor): the
         # forward is then the deployed engine's, number for number; the backward stays float.
         from sasq.exporter import deployable_problem

@@ -35,6 +35,7 @@ PLANS = {
     "dynamic": QuantPlan(8, 8, mode="dynamic"),
     # R3 rotates the keys before a static (sink-aware) K cache; QuaRot's dynamic KV form
     "rotated-r3-kv": QuantPlan(8, 8, rotate=True, sink_tokens=2, kv_bits=6, rotate_qk=True),
+    "quarot-wclip": QuantPlan(4, 8, mode="dynamic", rotate=True, weights="gptq", w_clip=True),
     "quarot-kv4": QuantPlan(8, 8, mode="dynamic", rotate=True, kv_bits=4, kv_mode="dynamic",
                             kv_clip=0.95, rotate_qk=True),
 }
