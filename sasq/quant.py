@@ -20,6 +20,7 @@ Parameters (`params`, model dtype): "<site>.log_scale" (param_space="log", defau
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -82,12 +83,24 @@ def build_sites(model, plan: QuantPlan, dtype) -> dict:
     return sites
 
 
+_WCLIP_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def clipped_rtn_weights(model, bits: int) -> dict:
     """(layer, matrix) -> (codes, scales): RTN per row on scales searched for the least rounding
-    error (sasq.wclip), every linear of every decoder layer."""
+    error (sasq.wclip), every linear of every decoder layer. Cached per model object and bits
+    (the search costs about a minute on SmolLM2-135M; a run's cells share one rotated model),
+    valid while the model holds the same weight arrays."""
     from sasq.wclip import quantize_rows, search_scales
-    return {(i, n): quantize_rows(getattr(lw, n), search_scales(getattr(lw, n), bits), bits)
-            for i, lw in enumerate(model.layers) for n in WEIGHT_NAMES}
+    arrays = tuple(getattr(lw, n) for lw in model.layers for n in WEIGHT_NAMES)
+    per_model = _WCLIP_CACHE.setdefault(model, {})
+    hit = per_model.get(bits)
+    if hit is not None and len(hit[0]) == len(arrays) and all(a is b for a, b in zip(hit[0], arrays)):
+        return dict(hit[1])
+    out = {(i, n): quantize_rows(getattr(lw, n), search_scales(getattr(lw, n), bits), bits)
+           for i, lw in enumerate(model.layers) for n in WEIGHT_NAMES}
+    per_model[bits] = (arrays, out)
+    return dict(out)
 
 
 class QuantModel:

@@ -67,3 +67,15 @@ def test_plans_use_searched_scales(stories_dir):
                        ids, 48, progress=False)
     _, gs = g.quantized_weights()[(0, "down_proj")]
     np.testing.assert_array_equal(gs, search_scales(g.model.layers[0].down_proj, 4))
+
+
+def test_clipped_weights_cached_per_model_and_arrays(stories_dir):
+    from sasq.quant import clipped_rtn_weights
+    m = sasq.load(stories_dir)
+    a = clipped_rtn_weights(m, 4)
+    assert clipped_rtn_weights(m, 4)[(0, "q_proj")][0] is a[(0, "q_proj")][0]  # the cached codes
+    lw = m.layers[0]
+    other = m.copy_with(layers=[type(lw)(**{**vars(lw), "q_proj": lw.q_proj * 2})] + m.layers[1:])
+    b = clipped_rtn_weights(other, 4)  # new arrays: searched again
+    np.testing.assert_allclose(b[(0, "q_proj")][1], 2 * a[(0, "q_proj")][1], rtol=1e-6)
+    assert clipped_rtn_weights(m, 3)[(0, "q_proj")][1] is not a[(0, "q_proj")][1]
