@@ -181,6 +181,7 @@ def _gptq(qmodel, windows, batch_size, progress) -> None:
         return
     hess = collect_hessians(qmodel.model, windows, batch_size=batch_size, progress=progress)
     qmodel.set_gptq_weights(gptq_model_weights(qmodel.model, hess, qmodel.plan.w_bits,
+                                               act_order=qmodel.plan.act_order,
                                                w_clip=qmodel.plan.w_clip, progress=progress))
     qmodel._gptq_key = key
 

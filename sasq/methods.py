@@ -22,7 +22,10 @@ what the runner does with it (calibrate how, train or not).
   sasq_rot_gptq        the same with GPTQ weights
 Rotated rows use searched weight scales (QuaRot's w_clip, sasq.wclip), as QuaRot does. Measured
 on SmolLM2-135M W4A16 (6 x 512 held-out WikiText-2 valid windows, FP32 19.71): rotation + RTN
-100.92 -> 44.90, rotation + GPTQ 22.97 -> 21.56 (act-order on top: 21.56, not used).
+100.92 -> 44.90, rotation + GPTQ 22.97 -> 21.56 (act-order on top: 21.56, not used). Without
+rotation GPTQ in index order loses to RTN there (40.69 vs 37.90: the massive activation channels'
+columns come late), in act-order it wins (28.28; with searched scales 27.47, the `gptq` row's
+setting; searched scales with RTN alone are not used without rotation).
 A bit config "WxA16" leaves activations in float: the dynamic rows are then the weight-only
 baselines (RTN, GPTQ, with and without rotation) and the static rows are skipped.
 """
@@ -60,12 +63,13 @@ def _static(granularity, **kw):
 
 def _dynamic(rotate=False, gptq=False):
     """Dynamic per-token activations (or none at A16); when rotated, QuaRot's 0.9 clip at <= 4-bit
-    activations and its searched weight scales (w_clip)."""
+    activations and its searched weight scales (w_clip); GPTQ without rotation in act-order with
+    searched scales (the massive channels' columns first: see the module docstring)."""
     def plan(w, a):
         clip = 0.9 if rotate and a is not None and a <= 4 else 1.0
         return QuantPlan(w_bits=w, a_bits=a, mode="dynamic" if a is not None else "static",
                          rotate=rotate, weights="gptq" if gptq else "rtn", dynamic_clip=clip,
-                         w_clip=rotate)
+                         w_clip=rotate or gptq, act_order=gptq and not rotate)
     return plan
 
 

@@ -60,6 +60,7 @@ class QuantPlan:
     weights: str = "rtn"               # "rtn" round-to-nearest | "gptq" (calibration Hessians)
     dynamic_clip: float = 1.0          # dynamic per-token scale = clip * absmax / qmax
     w_clip: bool = False               # weight scales searched per row (sasq.wclip; QuaRot's)
+    act_order: bool = False            # GPTQ rounds columns by decreasing Hessian diagonal
 
     def __post_init__(self):
         def bits_ok(name, v):
@@ -120,6 +121,8 @@ class QuantPlan:
                 raise ValueError("weights='gptq' rounds the weights once, from calibration "
                                  "Hessians; a per-channel fold or SmoothQuant changes them (use a "
                                  "per-tensor, dynamic or weight-only plan)")
+        if self.act_order and self.weights != "gptq":
+            raise ValueError("act_order is GPTQ's column order: it needs weights='gptq'")
         if self.w_clip:
             if self.w_bits is None:
                 raise ValueError("w_clip searches weight scales: it needs w_bits")
@@ -180,6 +183,8 @@ class QuantPlan:
             bits += " rotated"
         if self.weights == "gptq":
             bits += " GPTQ"
+        if self.act_order:
+            bits += " act-order"
         if self.w_clip:
             bits += " wclip"
         if self.kv_bits:

@@ -62,6 +62,7 @@ def snapshot(m):
     dict(kv_bits=4, kv_mode="dynamic", kv_clip=0.0), dict(kv_bits=4, kv_mode="dynamic", kv_clip=True),
     dict(rotate_qk=True, kv_bits=8), dict(rotate_qk=True, rotate=True),
     dict(mode="dynamic", kv_bits=4, kv_mode="dynamic", sink_tokens=2),
+    dict(act_order=True), dict(w_clip=True, w_bits=None),
 ])
 def test_bad_plans_raise(kwargs):
     with pytest.raises(ValueError):

@@ -79,3 +79,25 @@ def test_clipped_weights_cached_per_model_and_arrays(stories_dir):
     b = clipped_rtn_weights(other, 4)  # new arrays: searched again
     np.testing.assert_allclose(b[(0, "q_proj")][1], 2 * a[(0, "q_proj")][1], rtol=1e-6)
     assert clipped_rtn_weights(m, 3)[(0, "q_proj")][1] is not a[(0, "q_proj")][1]
+
+
+def test_act_order_reaches_gptq(stories_dir, monkeypatch):
+    """QuantPlan(act_order=True) is passed to GPTQ (its codes differ from index order's)."""
+    import sasq.gptq as G
+    seen = []
+    real = G.gptq_quantize
+
+    def spy(*a, **k):
+        seen.append(a[5] if len(a) > 5 else k.get("act_order"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "gptq_quantize", spy)
+    m = sasq.load(stories_dir)
+    ids = np.random.default_rng(1).integers(0, m.config.vocab_size, (4, 48))
+    q = sasq.calibrate(sasq.quantize(m, QuantPlan(4, None, weights="gptq", act_order=True)), ids, 48,
+                       progress=False)
+    assert seen and all(seen)
+    p = sasq.calibrate(sasq.quantize(m, QuantPlan(4, None, weights="gptq")), ids, 48, progress=False)
+    assert not any(seen[len(seen) // 2:])
+    a, b = q.quantized_weights()[(0, "down_proj")][0], p.quantized_weights()[(0, "down_proj")][0]
+    assert np.any(a != b)
