@@ -106,6 +106,30 @@ def merge(doc: dict, external, eval_name: str | None = None, reference=None) -> 
     return _merge(doc, external, eval_name=eval_name, reference=reference)
 
 
+def merge_runs(doc: dict, other: dict, name: str = "other run") -> dict:
+    """`doc` with the rows of another `sasq run` document written with the same settings (meta
+    identity; e.g. cells run in parallel into two folders). A cell in both must hold the same
+    numbers (the FP32 rows do); a conflict is refused naming the cell."""
+    a, b = doc["meta"].get("identity"), other["meta"].get("identity")
+    if a != b:
+        diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
+        raise ValueError(f"{name} was run with different settings ({', '.join(diff)})")
+    have = {row_key(r): r for r in doc["rows"]}
+    rows = list(doc["rows"])
+    for r in other["rows"]:
+        k = row_key(r)
+        if k not in have:
+            rows.append(r)
+            have[k] = r
+        elif any(have[k].get(f) != r.get(f) for f in ("ppl", "kl", "top1")):
+            raise ValueError(f"{name}: cell {k} differs from the first run's ({have[k].get('ppl')} "
+                             f"vs {r.get('ppl')}); keep one of them")
+    meta = dict(doc["meta"])
+    meta["bits"] = list(dict.fromkeys(list(doc["meta"].get("bits", [])) +
+                                      list(other["meta"].get("bits", []))))
+    return {**doc, "meta": meta, "rows": rows}
+
+
 def load_results(path) -> dict:
     try:
         doc = json.loads(Path(path).read_text())

@@ -156,3 +156,40 @@ def test_table_with_an_eval_json_merged(trained_run, tmp_path, stories_dir, caps
                  "--max-windows", "2", "--json", str(out), "-q"]) == 0
     assert main(["table", str(trained_run), "--external", str(out)]) == 1
     assert "seqlen differs (ours 32, fp32.json 16)" in capsys.readouterr().err
+
+
+def test_table_with_cells_of_a_parallel_run(trained_run, tmp_path, capsys):
+    """`sasq table A --with B`: cells run into two folders with the same settings make one
+    table; a cell in both with different numbers, or different settings, is refused."""
+    import shutil
+    doc = json.loads((trained_run / "results.json").read_text())
+    # a second cell beside the trained one (its rows relabelled), as another job would add
+    doc["rows"] += [dict(r, method="static_tensor", label="static per-tensor", objective="-",
+                         ppl=r["ppl"] * 1.5) for r in doc["rows"] if r["method"] == "sasq"]
+    cells = sorted({(r["method"], r["bits"], r["objective"]) for r in doc["rows"] if r["method"] != "fp32"})
+    assert len(cells) == 2
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, keep in ((a, cells[::2]), (b, cells[1::2])):
+        shutil.copytree(trained_run, d)
+        part = dict(doc, rows=[r for r in doc["rows"] if r["method"] == "fp32"
+                               or (r["method"], r["bits"], r["objective"]) in keep])
+        (d / "results.json").write_text(json.dumps(part))
+    capsys.readouterr()
+    assert main(["table", str(a), "--out", str(tmp_path / "a.md")]) == 0
+    assert main(["table", str(a), "--with", str(b), "--out", str(tmp_path / "ab.md")]) == 0
+    whole = (tmp_path / "ab.md").read_text()
+    assert len(whole.splitlines()) > len((tmp_path / "a.md").read_text().splitlines())
+    rendered = {l for l in whole.splitlines() if l.startswith("| ")}
+    from sasq.results import render_markdown
+    assert {l for l in render_markdown(doc).splitlines() if l.startswith("| ")} == rendered
+    bad = json.loads((b / "results.json").read_text())
+    bad["rows"].append(dict(next(r for r in doc["rows"] if (r["method"], r["bits"], r["objective"])
+                                 == cells[0]), ppl=1e9))
+    (b / "results.json").write_text(json.dumps(bad))
+    assert main(["table", str(a), "--with", str(b)]) == 1
+    assert "differs from the first run" in capsys.readouterr().err
+    other = json.loads((a / "results.json").read_text())
+    other["meta"]["identity"]["steps"] = 12345
+    (b / "results.json").write_text(json.dumps(other))
+    assert main(["table", str(a), "--with", str(b)]) == 1
+    assert "different settings (steps)" in capsys.readouterr().err

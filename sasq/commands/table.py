@@ -1,10 +1,15 @@
-"""`python -m sasq table RUN_DIR [--external FILE ...]`: a run's Markdown table, with results of
-other tools (docs/results-format.md) merged in after their protocol is checked."""
+"""`python -m sasq table RUN_DIR [--with RUN_DIR ...] [--external FILE ...]`: a run's Markdown
+table, with the cells of other runs of the same settings (--with: cells run in parallel into
+separate folders) and results of other tools (docs/results-format.md) merged in after their
+protocol is checked."""
 from __future__ import annotations
 
 
 def add_arguments(p):
     p.add_argument("run", help="a `sasq run --out` folder or its results.json")
+    p.add_argument("--with", action="append", default=[], dest="also",
+                   help="another `sasq run` folder of the same settings whose cells join the "
+                        "table; repeatable")
     p.add_argument("--external", action="append", default=[],
                    help="external results file (JSON or CSV); repeatable")
     p.add_argument("--eval", default=None, dest="eval_name",
@@ -18,12 +23,17 @@ def main(args) -> int:
     from pathlib import Path
 
     from sasq.atomic import atomic_write
-    from sasq.results import load, merge, render_markdown
+    from sasq.results import load, merge, merge_runs, render_markdown
     from sasq.runs import results_path
 
     doc = load(results_path(args.run))
     if doc.get("external"):
         raise ValueError(f"{args.run}: an external results file; give a `sasq run` folder first")
+    for other in args.also:
+        o = load(results_path(other))
+        if o.get("external"):
+            raise ValueError(f"{other}: an external results file; pass it with --external")
+        doc = merge_runs(doc, o, name=str(other))
     for ext in args.external:
         doc = merge(doc, load(ext), eval_name=args.eval_name)
     md = render_markdown(doc)
