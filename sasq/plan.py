@@ -19,6 +19,11 @@ HEAD_SITE = "head_in"
 MAX_SINK = 64
 
 
+def _ratio(name: str, c) -> None:
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
+        raise ValueError(f"QuantPlan.{name} must be in (0, 1], got {c!r}")
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """What to quantize and how. Every baseline of the results table is one plan away:
@@ -114,35 +119,25 @@ class QuantPlan:
                                  "granularity='channel' is already per-channel")
         if self.weights not in ("rtn", "gptq"):
             raise ValueError(f"QuantPlan.weights must be 'rtn' or 'gptq', got {self.weights!r}")
-        if self.weights == "gptq":
-            if self.w_bits is None:
-                raise ValueError("weights='gptq' needs w_bits")
-            if self.folded or self.smoothquant_alpha is not None:
-                raise ValueError("weights='gptq' rounds the weights once, from calibration "
-                                 "Hessians; a per-channel fold or SmoothQuant changes them (use a "
-                                 "per-tensor, dynamic or weight-only plan)")
+        # weights fixed once (GPTQ from calibration Hessians, searched scales): a per-channel
+        # fold or SmoothQuant would change them with every scale
+        for what, on in (("weights='gptq'", self.weights == "gptq"), ("w_clip", self.w_clip)):
+            if on and self.w_bits is None:
+                raise ValueError(f"{what} rounds the weights: it needs w_bits")
+            if on and (self.folded or self.smoothquant_alpha is not None):
+                raise ValueError(f"{what} fixes the weights once; a per-channel fold or SmoothQuant "
+                                 "changes them (use a per-tensor, dynamic or weight-only plan)")
         if self.act_order and self.weights != "gptq":
             raise ValueError("act_order is GPTQ's column order: it needs weights='gptq'")
-        if self.w_clip:
-            if self.w_bits is None:
-                raise ValueError("w_clip searches weight scales: it needs w_bits")
-            if self.folded or self.smoothquant_alpha is not None:
-                raise ValueError("w_clip fixes the weight scales once; a per-channel fold or "
-                                 "SmoothQuant changes the weights (use a per-tensor, dynamic or "
-                                 "weight-only plan)")
-        c = self.dynamic_clip
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
-            raise ValueError(f"QuantPlan.dynamic_clip must be in (0, 1], got {c!r}")
-        if c != 1.0 and self.mode != "dynamic":
+        _ratio("dynamic_clip", self.dynamic_clip)
+        if self.dynamic_clip != 1.0 and self.mode != "dynamic":
             raise ValueError("dynamic_clip is the clip ratio of dynamic per-token scales")
         if self.kv_mode not in ("static", "dynamic"):
             raise ValueError(f"QuantPlan.kv_mode must be 'static' or 'dynamic', got {self.kv_mode!r}")
         if self.kv_mode == "dynamic" and not self.kv_bits:
             raise ValueError("kv_mode='dynamic' quantizes the KV cache: it needs kv_bits")
-        c = self.kv_clip
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 < float(c) <= 1.0:
-            raise ValueError(f"QuantPlan.kv_clip must be in (0, 1], got {c!r}")
-        if c != 1.0 and self.kv_mode != "dynamic":
+        _ratio("kv_clip", self.kv_clip)
+        if self.kv_clip != 1.0 and self.kv_mode != "dynamic":
             raise ValueError("kv_clip is the clip ratio of the dynamic KV cache (kv_mode='dynamic')")
         if self.rotate_qk and not (self.rotate and self.kv_bits):
             raise ValueError("rotate_qk (R3) rotates keys for a quantized K cache: it needs "

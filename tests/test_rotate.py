@@ -18,6 +18,21 @@ CFG = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidde
                   max_position_embeddings=64, tie_word_embeddings=True)
 
 
+def assert_embed_grad_is_fd(m, ids, g, points):
+    """d(sum(logits * g))/d(embed_tokens[token, c]) by backward vs central differences, for the
+    tokens at positions t of ids[0] (summed over every position holding that token)."""
+    d_embed = m.backward(m.forward_tape(ids), g)
+    for t, c in points:
+        vals = []
+        for sgn in (1, -1):
+            e = m.embed_tokens.copy()
+            e[ids[0, t], c] += sgn * FD_EPS
+            vals.append(np.sum(m.copy_with(embed_tokens=e).forward(ids) * g))
+        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
+        got = d_embed[ids == ids[0, t]][:, c].sum()
+        assert abs(got - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, got, fd)
+
+
 @pytest.fixture(scope="module")
 def model():
     m = random_model(CFG, seed=3).astype(np.float64)
@@ -65,16 +80,7 @@ def test_orthogonal_r4_is_the_same_function_and_differentiated():
     ids = np.random.default_rng(7).integers(0, 29, (1, 7))
     np.testing.assert_allclose(r.forward(ids), m.forward(ids), rtol=F64_RTOL, atol=F64_RTOL)
     g = np.random.default_rng(8).standard_normal((1, 7, 29))
-    d_embed = r.backward(r.forward_tape(ids), g)
-    for t, c in [(1, 2), (6, 9)]:
-        vals = []
-        for sgn in (1, -1):
-            e = r.embed_tokens.copy()
-            e[ids[0, t], c] += sgn * FD_EPS
-            vals.append(np.sum(r.copy_with(embed_tokens=e).forward(ids) * g))
-        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
-        got = d_embed[ids == ids[0, t]][:, c].sum()
-        assert abs(got - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, got, fd)
+    assert_embed_grad_is_fd(r.copy_with(lm_head=r.lm_head.copy()), ids, g, [(1, 2), (6, 9)])
 
 
 @pytest.mark.parametrize("seed", [None, 7])
@@ -113,16 +119,7 @@ def test_online_hadamard_backward_matches_finite_differences(model):
     ids = np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 5))
     g = np.random.default_rng(3).standard_normal((1, 5, CFG.vocab_size))
     base = r.copy_with(lm_head=r.lm_head.copy())  # embed_tokens perturbed alone
-    d_embed = base.backward(base.forward_tape(ids), g)
-    emb = base.embed_tokens
-    for t, c in [(0, 3), (2, 11), (4, 0)]:
-        vals = []
-        for sgn in (1, -1):
-            e = emb.copy()
-            e[ids[0, t], c] += sgn * FD_EPS
-            vals.append(np.sum(base.copy_with(embed_tokens=e).forward(ids) * g))
-        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
-        assert abs(d_embed[0, t, c] - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, d_embed[0, t, c], fd)
+    assert_embed_grad_is_fd(base, ids, g, [(0, 3), (2, 11), (4, 0)])
 
 
 def test_stories260k_rotation_float32(stories_dir):
@@ -180,17 +177,7 @@ def test_r3_backward_matches_finite_differences(model):
     ids = np.random.default_rng(5).integers(0, CFG.vocab_size, (1, 6))
     g = np.random.default_rng(6).standard_normal((1, 6, CFG.vocab_size))
     base = r.copy_with(lm_head=r.lm_head.copy())
-    d_embed = base.backward(base.forward_tape(ids), g)
-    emb = base.embed_tokens
-    for t, c in [(0, 1), (3, 7), (5, 15)]:
-        vals = []
-        for sgn in (1, -1):
-            e = emb.copy()
-            e[ids[0, t], c] += sgn * FD_EPS
-            vals.append(np.sum(base.copy_with(embed_tokens=e).forward(ids) * g))
-        fd = (vals[0] - vals[1]) / (2 * FD_EPS)
-        got = d_embed[ids == ids[0, t]][:, c].sum()  # every position holding that token
-        assert abs(got - fd) <= FD_RTOL * max(1.0, abs(fd)), (t, c, got, fd)
+    assert_embed_grad_is_fd(base, ids, g, [(0, 1), (3, 7), (5, 15)])
 
 
 def test_stories260k_r3_float32(stories_dir):
