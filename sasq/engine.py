@@ -37,7 +37,8 @@ from sasq.sampling import generate
 
 ENGINE_FILE = "sasq_engine.json"
 EXT_FILE = "sasq_extensions.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2 added online_qk (R3), online_down_small (orthogonal R4), dynamic_kv
+READABLE_FORMATS = (1, 2)
 _LINEARS = {"qkv": ("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             "o": ("o_in", ("self_attn.o_proj",)),
             "gate_up": ("mlp_in", ("mlp.gate_proj", "mlp.up_proj")),
@@ -189,9 +190,18 @@ class StaticInt8Model:
                 raise ValueError(f"{path}: online_down_small must name a finite square tensor of "
                                  f"{EXT_FILE} whose order divides {config.intermediate_size}")
             m = small.shape[0]
+            p2 = config.intermediate_size // m
+            if p2 & (p2 - 1) or not eng.get("online_down"):
+                raise ValueError(f"{path}: online_down_small ({m} x {m}) needs online_down and "
+                                 f"intermediate size / {m} a power of two")
             if not np.allclose(small @ small.T, m * np.eye(m), atol=1e-4 * m):
                 raise ValueError(f"{path}: online_down_small is not orthogonal (S S^T != m I)")
             small = np.ascontiguousarray(small, np.float32)
+        elif eng.get("online_down"):
+            from sasq.rotate import constructible
+            if not constructible(config.intermediate_size):
+                raise ValueError(f"{path}: online_down without online_down_small, and the "
+                                 f"intermediate size {config.intermediate_size} has no Hadamard")
         for i in range(n):
             pre = f"model.layers.{i}."
             norms.append((get(pre + "input_layernorm.weight", np.float32, (C,)),
@@ -367,10 +377,14 @@ def _read_engine(path, qc, config) -> dict:
             eng = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{f}: unreadable ({e})") from None
-        if not isinstance(eng, dict) or eng.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{f}: not a sasq engine description of format {FORMAT_VERSION}")
+        if not isinstance(eng, dict) or eng.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"{f}: not a sasq engine description of format "
+                             f"{' or '.join(map(str, READABLE_FORMATS))}")
         if not isinstance(eng.get("sites"), dict):
             raise ValueError(f"{f}: no 'sites' object")
+        for flag in ("online_down", "online_qk"):
+            if not isinstance(eng.get(flag, False), bool):
+                raise ValueError(f"{f}: {flag} must be true or false, got {eng.get(flag)!r}")
         return eng
     if qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{path}: quant_method 'sasq' needs {ENGINE_FILE}, which is missing")
@@ -403,11 +417,14 @@ def _quantizer(path, eng, ext, key, dynamic, clip, head_dim=0) -> Quantizer:
         bits = grid.check_bits(d.get("bits"), f"{key} bits")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+    kv_site = key.split(".")[-1] in ("k_cache", "v_cache")
+    if d.get("kind") == "dynamic" and kv_site:
+        raise ValueError(f"{path}: site {key}: a KV cache is static or dynamic_kv, not dynamic")
     if d.get("kind") == "dynamic" or dynamic:
         return Quantizer(bits, "dynamic", clip=_clip(path, key, d.get("clip", clip)))
     if d.get("kind") == "dynamic_kv":
         group = d.get("group")
-        if key.split(".")[-1] not in ("k_cache", "v_cache") or group != head_dim:
+        if not kv_site or type(group) is not int or group != head_dim:
             raise ValueError(f"{path}: site {key}: a dynamic KV quantizer needs a KV site and group "
                              f"= head_dim {head_dim} (got {group!r})")
         return Quantizer(bits, "dynamic_kv", clip=_clip(path, key, d.get("clip", 1.0)), group=group)

@@ -13,6 +13,7 @@ run continues where it stopped.
 """
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from sasq.data import check_seqlen, cut_windows, split_stream, tokenize_corpus
 from sasq.eval import Reference
 from sasq.methods import (BITLESS, DEFAULT_BITS, METHODS, TRAINED, applies, describe, method,
                           parse_bits, row_label)
-from sasq.rotate import rotate_model
+from sasq.rotate import ROTATION_VERSION, rotate_model
 from sasq.start import choose_start
 from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_identity
 
@@ -229,12 +230,12 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     rotated = {}  # the rotated model, built once per R1 seed
     ckpt_dir = out / "checkpoints"
     for i, (key, b, obj) in enumerate(cells):
-        if results.has_cell(key, b, obj, eval_names):
+        w_bits, a_bits = parse_bits(b) if b != "-" else (None, None)
+        if results.has_cell(key, b, obj, eval_names, recipe=_recipe(method(key).plan(w_bits, a_bits))):
             log(f"[{i + 1}/{len(cells)}] {row_label(key, parse_bits(b)[1] if b != '-' else 8)} {b} {obj}: "
                 f"already in {results.json_path.name}, skipped")
             continue
         m = method(key)
-        w_bits, a_bits = parse_bits(b) if b != "-" else (None, None)
         plan = m.plan(w_bits, a_bits)
         t0 = time.perf_counter()
         base = model
@@ -294,10 +295,20 @@ def _say_resume(ck: Path, steps: int, what: str, log) -> None:
         f"{what}: training finished in {ck.name} ({step} steps); evaluating")
 
 
+def _recipe(plan) -> dict | None:
+    """What a cell computes beyond its key: the plan, and the rotation code's version for
+    rotated plans (a resumed run must not keep cells computed otherwise)."""
+    if plan is None:
+        return None
+    return {"plan": json.loads(json.dumps(plan.to_dict())),
+            "rotation_version": ROTATION_VERSION if plan.rotate else None}
+
+
 def _row(key, bits, objective, plan, eval_name, ppl, fp32_ppl, kl, top1, n_windows, trained_on,
          info, prep_s):
     a_bits = parse_bits(bits)[1] if bits != "-" else 8
     return {"method": key, "label": row_label(key, a_bits), "bits": bits, "objective": objective,
+            "recipe": _recipe(plan),
             **describe(key, plan), "trained_on": trained_on, "eval": eval_name, "ppl": ppl,
             "delta": (ppl / fp32_ppl - 1.0) if key != "fp32" else None, "kl": kl, "top1": top1,
             "n_windows": n_windows, "prep_seconds": prep_s, **info}

@@ -49,7 +49,7 @@ from sasq.transforms import WEIGHT_NAMES
 ENGINE_FILE = "sasq_engine.json"
 SASQ_MODEL_TYPE, SASQ_ARCHITECTURE = "sasq_static_llama", "SasqStaticLlamaForCausalLM"
 EXT_FILE = "sasq_extensions.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # sasq.engine.FORMAT_VERSION: 2 added online_qk, online_down_small, dynamic_kv
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "generation_config.json")
 _MODULE = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",

@@ -58,7 +58,10 @@ class Method:
 
 
 def _static(granularity, **kw):
-    return lambda w, a: QuantPlan(w_bits=w, a_bits=a, granularity=granularity, mode="static", **kw)
+    def plan(w, a):
+        k = dict(kw, w_clip=kw.get("w_clip", False) and w is not None)  # no weights, no search
+        return QuantPlan(w_bits=w, a_bits=a, granularity=granularity, mode="static", **k)
+    return plan
 
 
 def _dynamic(rotate=False, gptq=False):
@@ -69,7 +72,8 @@ def _dynamic(rotate=False, gptq=False):
         clip = 0.9 if rotate and a is not None and a <= 4 else 1.0
         return QuantPlan(w_bits=w, a_bits=a, mode="dynamic" if a is not None else "static",
                          rotate=rotate, weights="gptq" if gptq else "rtn", dynamic_clip=clip,
-                         w_clip=rotate or gptq, act_order=gptq and not rotate)
+                         w_clip=(rotate or gptq) and w is not None,
+                         act_order=gptq and not rotate)
     return plan
 
 

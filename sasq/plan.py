@@ -146,9 +146,12 @@ class QuantPlan:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= MAX_SINK:
             raise ValueError(f"QuantPlan.sink_tokens must be an int in [0, {MAX_SINK}], got {k!r}")
         object.__setattr__(self, "sink_tokens", int(k))
-        if k and self.mode == "dynamic" and not (self.kv_bits and self.kv_mode == "static"):
+        static_sites = ((self.mode == "static" and self.quantizes_activations)
+                        or (self.kv_bits and self.kv_mode == "static"))
+        if k and not static_sites:
             raise ValueError("sink_tokens gives the first positions their own *static* scales; "
-                             "a dynamic plan without a static KV cache has none")
+                             "this plan has no static site (dynamic or no activations, no static "
+                             "KV cache)")
         if self.truncation:
             if self.mode != "static" or (self.a_bits is None and not self.adapt_control):
                 raise ValueError("truncation needs static activation quantization (a_bits) "

@@ -99,6 +99,8 @@ def clipped_rtn_weights(model, bits: int) -> dict:
         return dict(hit[1])
     out = {(i, n): quantize_rows(getattr(lw, n), search_scales(getattr(lw, n), bits), bits)
            for i, lw in enumerate(model.layers) for n in WEIGHT_NAMES}
+    for codes, scales in out.values():  # shared by every QuantModel of this model: read-only
+        codes.flags.writeable = scales.flags.writeable = False
     per_model[bits] = (arrays, out)
     return dict(out)
 

@@ -49,9 +49,22 @@ class Results:
     def keys(self) -> set[str]:
         return {row_key(r) for r in self.rows}
 
-    def has_cell(self, method, bits, objective, evals) -> bool:
+    def has_cell(self, method, bits, objective, evals, recipe=None) -> bool:
+        """Whether the cell's rows are all here; ValueError when a stored row was computed with
+        another recipe (plan, rotation version) than `recipe` (rows recorded before recipes were
+        stored carry none and are taken as they are)."""
+        ck = cell_key(method, bits, objective)
+        for r in self.rows:
+            if row_key(r).startswith(ck + "|") and r.get("recipe") is not None \
+                    and recipe is not None and r["recipe"] != recipe:
+                a, b = r["recipe"].get("plan") or {}, recipe.get("plan") or {}
+                diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                if r["recipe"].get("rotation_version") != recipe.get("rotation_version"):
+                    diff.append("rotation_version")
+                raise ValueError(f"{self.json_path}: cell {ck} was computed with another recipe "
+                                 f"({', '.join(diff)}); use another --out or remove its rows")
         ks = self.keys()
-        return all(cell_key(method, bits, objective) + "|" + e in ks for e in evals)
+        return all(ck + "|" + e in ks for e in evals)
 
     def add(self, rows: list[dict]) -> None:
         have = self.keys()
@@ -111,6 +124,8 @@ def merge_runs(doc: dict, other: dict, name: str = "other run") -> dict:
     identity; e.g. cells run in parallel into two folders). A cell in both must hold the same
     numbers (the FP32 rows do); a conflict is refused naming the cell."""
     a, b = doc["meta"].get("identity"), other["meta"].get("identity")
+    if not a or not b:
+        raise ValueError(f"{name}: both documents need the run settings (meta identity) to merge")
     if a != b:
         diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
         raise ValueError(f"{name} was run with different settings ({', '.join(diff)})")
@@ -121,7 +136,7 @@ def merge_runs(doc: dict, other: dict, name: str = "other run") -> dict:
         if k not in have:
             rows.append(r)
             have[k] = r
-        elif any(have[k].get(f) != r.get(f) for f in ("ppl", "kl", "top1")):
+        elif any(have[k].get(f) != r.get(f) for f in ("ppl", "kl", "top1", "recipe")):
             raise ValueError(f"{name}: cell {k} differs from the first run's ({have[k].get('ppl')} "
                              f"vs {r.get('ppl')}); keep one of them")
     meta = dict(doc["meta"])

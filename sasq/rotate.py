@@ -37,6 +37,9 @@ from sasq.transforms import fold_norms
 __all__ = ["rotate_model", "hadamard_rows", "online_hadamard", "online_hadamard_backward"]
 
 R4_SEED = 0  # the orthogonal R4 factor's seed when R1 is the plain (unseeded) Hadamard
+# Bumped when rotate_model computes something else for the same arguments (2: an orthogonal R4
+# where no Hadamard of the intermediate size exists); results and checkpoints record it.
+ROTATION_VERSION = 2
 
 
 def hadamard_rows(x: np.ndarray, transpose: bool = False, signs: np.ndarray | None = None,

@@ -77,7 +77,7 @@ def candidate_starts(qmodel: QuantModel, calib, progress: bool = False):
         if plan.sink_tokens and (plan.folded or plan.granularity == "tensor"):
             # a twin only lends its scales (calibrated on FP activations): RTN weights suffice
             twin = quantize(qmodel.model, dataclasses.replace(plan, sink_tokens=0, weights="rtn",
-                                                              w_clip=False))
+                                                              w_clip=False, act_order=False))
             yield (f"{plan.granularity}/{method} (sink rows as body)",
                    _equivalent(qmodel, calibrate(twin, calib, method=method, progress=progress)))
     if plan.folded and plan.smoothquant_alpha is None:

@@ -27,6 +27,7 @@ no gain under Adam (1.044 at 3e-2, 1.195 at 1e-1): Adam normalises constant fact
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,7 @@ import numpy as np
 from sasq import losses
 from sasq.data import as_token_ids, check_seqlen, cut_windows, sample_batch
 from sasq.optim import CHECKPOINT_VERSION, SPACES, Adam, ParamSpace, load_checkpoint, save_checkpoint
+from sasq.rotate import ROTATION_VERSION
 
 OBJECTIVES = ("ce", "kl")
 SCHEDULES = ("cosine", "constant")
@@ -230,6 +232,10 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
     keys = sorted(qmodel.params)
     shapes = {k: list(qmodel.params[k].shape) for k in keys}
     identity = cfg.identity(None if val is None else int(val.shape[0]), shapes)
+    # what the parameters mean: a checkpoint of another plan or rotation must not be resumed
+    plan = getattr(qmodel, "plan", None)
+    identity["plan"] = None if plan is None else json.loads(json.dumps(plan.to_dict()))
+    identity["rotation_version"] = ROTATION_VERSION if plan is not None and plan.rotate else None
 
     # ---- state: fresh or from the checkpoint
     rng = np.random.default_rng(cfg.seed)

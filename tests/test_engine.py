@@ -35,6 +35,8 @@ PLANS = {
     "dynamic": QuantPlan(8, 8, mode="dynamic"),
     # R3 rotates the keys before a static (sink-aware) K cache; QuaRot's dynamic KV form
     "rotated-r3-kv": QuantPlan(8, 8, rotate=True, sink_tokens=2, kv_bits=6, rotate_qk=True),
+    # v arrives divided by the o_in fold: the dynamic KV grid rounds what the engine caches
+    "folded-kv-dynamic": QuantPlan(8, 8, granularity="channel", kv_bits=4, kv_mode="dynamic"),
     "quarot-wclip": QuantPlan(4, 8, mode="dynamic", rotate=True, weights="gptq", w_clip=True),
     "quarot-kv4": QuantPlan(8, 8, mode="dynamic", rotate=True, kv_bits=4, kv_mode="dynamic",
                             kv_clip=0.95, rotate_qk=True),
@@ -80,7 +82,7 @@ def test_engine_equals_trained_fake_quant_model(stories, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["folded", "sink", "trunc", "w4a8-kv", "rotated-r3-kv",
-                                  "quarot-kv4"])
+                                  "quarot-kv4", "folded-kv-dynamic"])
 def test_engine_equals_fake_quant_on_random_gqa(gqa, tmp_path, name):
     ids = _ids(GQA.vocab_size, seed=1)
     q = _trained(gqa, PLANS[name], ids)
@@ -209,6 +211,17 @@ def test_orthogonal_r4_factor_is_exported_and_checked(stories, tmp_path):
         assert str(d) in str(err.value) and "\n" not in str(err.value)
 
 
+def test_format_1_exports_still_load(stories, tmp_path):
+    from sasq import engine, exporter
+    assert exporter.FORMAT_VERSION == engine.FORMAT_VERSION
+    q = _trained(stories, PLANS["sink"], _ids(stories.config.vocab_size), steps=0)
+    src = sasq.export(q, tmp_path / "ok")
+    d = _tamper(src, tmp_path / "v1", edit_engine=lambda e: (e.update(format=1), e.pop("online_qk"),
+                                                            e.pop("online_down_small")))
+    x = _ids(stories.config.vocab_size)[-1:]
+    np.testing.assert_array_equal(sasq.StaticInt8Model.from_pretrained(d).forward(x), q.forward(x))
+
+
 def test_tampered_dynamic_kv_sites_give_one_line_errors(stories, tmp_path):
     q = _trained(stories, PLANS["quarot-kv4"], _ids(stories.config.vocab_size), steps=0)
     src = sasq.export(q, tmp_path / "ok")
@@ -219,6 +232,10 @@ def test_tampered_dynamic_kv_sites_give_one_line_errors(stories, tmp_path):
         "clip not a number": (lambda e: e["sites"][kc].update(clip="x"), "clip"),
         "dynamic_kv on a linear": (lambda e: e["sites"]["layers.0.o_in"].update(kind="dynamic_kv",
                                                                                 group=8), "KV site"),
+        "float group": (lambda e: e["sites"][kc].update(group=float(e["sites"][kc]["group"])), "group"),
+        "per-token KV": (lambda e: e["sites"][kc].update(kind="dynamic"), "KV cache"),
+        "string flag": (lambda e: e.update(online_qk="false"), "online_qk"),
+        "future format": (lambda e: e.update(format=3), "format"),
     }
     for i, (what, (edit, match)) in enumerate(cases.items()):
         d = _tamper(src, tmp_path / f"t{i}", edit_engine=edit)

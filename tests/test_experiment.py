@@ -116,3 +116,37 @@ def test_cli_defaults_are_data_free_and_small():
     assert q.steps < cfg.steps and q.objectives == ("kl",)
     with pytest.raises(ValueError, match="--steps"):
         config_from_args(p.parse_args(["--steps", "0"]))
+
+
+def test_cells_of_another_recipe_are_refused_legacy_rows_kept(tmp_path):
+    """A stored cell computed with another plan (or rotation code) is not taken as done."""
+    from sasq.experiment import _recipe
+    from sasq.plan import QuantPlan
+    from sasq.results import Results
+    r = Results(tmp_path, {"identity": {"x": 1}})
+    row = {"method": "quarot_rtn", "bits": "W4A8", "objective": "-", "eval": "e", "ppl": 1.0,
+           "kl": 0.0, "top1": 1.0, "recipe": _recipe(QuantPlan(4, 8, mode="dynamic", rotate=True))}
+    r.rows.append(row)  # (add() would also render: these rows are bare)
+    same = _recipe(QuantPlan(4, 8, mode="dynamic", rotate=True))
+    assert r.has_cell("quarot_rtn", "W4A8", "-", ["e"], recipe=same)
+    other = _recipe(QuantPlan(4, 8, mode="dynamic", rotate=True, w_clip=True))
+    with pytest.raises(ValueError, match="another recipe.*w_clip"):
+        r.has_cell("quarot_rtn", "W4A8", "-", ["e"], recipe=other)
+    bumped = dict(same, rotation_version=same["rotation_version"] - 1)
+    with pytest.raises(ValueError, match="rotation_version"):
+        r.has_cell("quarot_rtn", "W4A8", "-", ["e"], recipe=bumped)
+    legacy = dict(row, method="gptq")
+    legacy.pop("recipe")
+    r.rows.append(legacy)  # recorded before recipes: taken as it is
+    assert r.has_cell("gptq", "W4A8", "-", ["e"], recipe=other)
+
+
+def test_catalogue_plans_at_float_weights():
+    """W16Ax: no weights to round, so no searched scales; every applicable row builds."""
+    from sasq.methods import METHODS, applies, make_plan
+    for key in METHODS:
+        if key in ("gptq", "quarot_gptq", "sasq_rot_gptq"):
+            continue  # GPTQ rounds weights: needs them quantized
+        if applies(key, None, 8):
+            p = make_plan(key, None, 8)
+            assert p is None or not p.w_clip

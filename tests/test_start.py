@@ -57,3 +57,11 @@ def test_choose_start_keeps_the_lowest_heldout_kl(model, ids, plan):
         assert any(k.startswith("tensor/") for k in kls) and any("smoothquant" in k for k in kls)
     if plan.truncation:
         assert any("clamp-like" in k for k in kls)
+
+
+def test_gptq_act_order_plan_gets_its_starts(model, ids):
+    """The sink-less twin of a GPTQ act-order plan rounds RTN: act_order must not reach it."""
+    ref = Reference.compute(model, ids[:2], 12, progress=False)
+    q = quantize(model, QuantPlan(4, 8, sink_tokens=2, weights="gptq", act_order=True))
+    res = start.choose_start(q, ids[2:], ref)
+    assert any("sink rows as body" in k for k in res["kl"])

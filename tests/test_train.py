@@ -436,3 +436,23 @@ def test_teacher_pool_runs_the_teacher_once_per_window():
     assert sum(calls) == len(seen) <= 5  # each window's teacher state computed once
     r = train_scales(TinyQModel(), ids, steps=6, objective="kl", pool=4, **KW)
     assert r.steps == 6 and np.isfinite(r.final_loss)
+
+
+def test_checkpoint_of_another_plan_is_not_resumed(tmp_path):
+    """Same parameter shapes, another plan (A6 instead of A8): the checkpoint's parameters mean
+    something else, so resuming is refused naming the plan."""
+    from sasq.calibration import calibrate
+    from sasq.model import LlamaConfig, random_model
+    from sasq.plan import QuantPlan
+    from sasq.quant import quantize
+    cfg = LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = random_model(cfg, seed=1)
+    ids = np.random.default_rng(2).integers(0, 30, 400)
+    kw = dict(steps=2, seqlen=16, batch=2, lr=0.01, progress=False, checkpoint=tmp_path / "p.npz")
+    a = calibrate(quantize(m, QuantPlan(8, 8)), ids[:64].reshape(4, 16), progress=False)
+    train_scales(a, ids, **kw)
+    b = calibrate(quantize(m, QuantPlan(8, 6)), ids[:64].reshape(4, 16), progress=False)
+    assert set(a.params) == set(b.params)
+    with pytest.raises(ValueError, match="different settings.*plan"):
+        train_scales(b, ids, resume=True, **kw)

@@ -78,7 +78,9 @@ def test_clipped_weights_cached_per_model_and_arrays(stories_dir):
     other = m.copy_with(layers=[type(lw)(**{**vars(lw), "q_proj": lw.q_proj * 2})] + m.layers[1:])
     b = clipped_rtn_weights(other, 4)  # new arrays: searched again
     np.testing.assert_allclose(b[(0, "q_proj")][1], 2 * a[(0, "q_proj")][1], rtol=1e-6)
-    assert clipped_rtn_weights(m, 3)[(0, "q_proj")][1] is not a[(0, "q_proj")][1]
+    c3 = clipped_rtn_weights(m, 3)[(0, "q_proj")]  # another bit width: its own search
+    np.testing.assert_array_equal(c3[1], search_scales(m.layers[0].q_proj, 3))
+    assert not a[(0, "q_proj")][0].flags.writeable  # shared by every QuantModel: read-only
 
 
 def test_act_order_reaches_gptq(stories_dir, monkeypatch):
