@@ -22,6 +22,8 @@ def fake_quant_asym_groups(x: np.ndarray, bits: int, group: int, clip: float = 1
         raise ValueError(f"x must be a float array, got {x.dtype}")
     if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an int in [2, 8], got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
+        raise ValueError(f"group must be an int, got {group!r}")
     if x.ndim == 0 or group < 1 or x.shape[-1] % group:
         raise ValueError(f"the last axis ({x.shape[-1:] or 'none'}) must be a multiple of the "
                          f"group size {group}")

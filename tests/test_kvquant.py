@@ -71,7 +71,8 @@ def test_nan_stays_in_its_group():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(bits=1), "bits"), (dict(bits=9), "bits"), (dict(bits=True), "bits"),
-    (dict(group=5), "multiple"), (dict(group=0), "multiple"), (dict(clip=0.0), "clip"),
+    (dict(group=5), "multiple"), (dict(group=0), "multiple"), (dict(group=8.0), "int"),
+    (dict(clip=0.0), "clip"),
     (dict(clip=1.5), "clip")])
 def test_bad_arguments(kw, match):
     args = dict(bits=4, group=8, clip=1.0) | kw
