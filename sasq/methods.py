@@ -117,8 +117,11 @@ METHODS = tuple(CATALOGUE)
 METHOD_LABELS = {k: m.label for k, m in CATALOGUE.items()}
 TRAINED = tuple(k for k, m in CATALOGUE.items() if m.train)
 BITLESS = tuple(k for k, m in CATALOGUE.items() if m.bitless)
+# What SASQ must not lose to: the untrained rows with static activation scales (GPTQ/QuaRot rows
+# calibrate too, but their activations are dynamic).
 STATIC_PTQ = tuple(k for k, m in CATALOGUE.items()
-                   if not m.train and m.calibrate is not None)  # what SASQ must not lose to
+                   if not m.train and m.calibrate is not None and m.plan(8, 8).mode == "static")
+SASQ_ROWS = tuple(k for k in TRAINED if not CATALOGUE[k].bitless)
 
 
 def method(key: str) -> Method:

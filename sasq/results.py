@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sasq.atomic import atomic_write
-from sasq.methods import CATALOGUE, METHOD_LABELS, METHODS
+from sasq.methods import CATALOGUE, METHOD_LABELS, METHODS, SASQ_ROWS, STATIC_PTQ
 
 RESULTS_VERSION = 1
 
@@ -261,7 +261,45 @@ def render_markdown(doc: dict) -> str:
         lines.append("| " + " | ".join(line) + " |")
     lines.append("")
     lines.append(render_compact(doc))
+    check = render_static_check(doc)
+    if check:
+        lines.append(check)
     return "\n".join(lines)
+
+
+def render_static_check(doc: dict) -> str:
+    """The fidelity bar of a table: each SASQ cell's KL against the best untrained static PTQ
+    cell of the same bits and eval set ("" when the table has no such pair)."""
+    best, sasq = {}, []
+    for r in doc["rows"]:
+        if r.get("kl") is None:
+            continue
+        k = (r["eval"], r["bits"])
+        if r["method"] in STATIC_PTQ and (k not in best or r["kl"] < best[k]["kl"]):
+            best[k] = r
+        elif r["method"] in SASQ_ROWS:
+            sasq.append(r)
+    bits_rank = {b: i for i, b in enumerate(doc["meta"].get("bits", []))}
+    rank = {m: i for i, m in enumerate(METHODS)}
+    eval_rank = {e: i for i, e in enumerate(doc["meta"].get("evals", []))}
+    pairs = sorted(((r, best[(r["eval"], r["bits"])]) for r in sasq if (r["eval"], r["bits"]) in best),
+                   key=lambda p: (eval_rank.get(p[0]["eval"], 99), bits_rank.get(p[0]["bits"], 99),
+                                  rank.get(p[0]["method"], 99), p[0]["objective"]))
+    if not pairs:
+        return ""
+    ok = sum(r["kl"] <= b["kl"] for r, b in pairs)
+    out = ["## SASQ against the best static PTQ row (KL to FP32, same bits and eval set)", "",
+           f"{ok} of {len(pairs)} SASQ cells at or below it.", "",
+           "| eval | W/A | SASQ row | obj | KL | best static PTQ | KL | SASQ vs it |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r, b in pairs:
+        rel = r["kl"] / b["kl"] - 1 if b["kl"] > 0 else float("inf")
+        out.append(f"| {r['eval']} | {r['bits']} | {r.get('label') or METHOD_LABELS[r['method']]} | "
+                   f"{r['objective']} | {_fmt_kl(r['kl'])} | "
+                   f"{b.get('label') or METHOD_LABELS[b['method']]} | {_fmt_kl(b['kl'])} | "
+                   f"{rel * 100:+.1f}%{'' if r['kl'] <= b['kl'] else ' (above)'} |")
+    out.append("")
+    return "\n".join(out)
 
 
 def render_compact(doc: dict) -> str:

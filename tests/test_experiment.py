@@ -150,3 +150,30 @@ def test_catalogue_plans_at_float_weights():
         if applies(key, None, 8):
             p = make_plan(key, None, 8)
             assert p is None or not p.w_clip
+
+
+def test_static_check_compares_sasq_with_the_best_static_ptq_cell(tmp_path):
+    """The fidelity bar in results.md: SASQ KL against the best static PTQ cell of its bits and
+    eval set; dynamic rows (GPTQ/QuaRot calibrate too) are not static PTQ."""
+    from sasq.methods import STATIC_PTQ
+    from sasq.results import render_static_check
+    assert "gptq" not in STATIC_PTQ and "quarot_gptq" not in STATIC_PTQ
+    assert {"static_tensor", "smoothquant_sink", "static_channel"} <= set(STATIC_PTQ)
+
+    def row(method, bits, kl, ev="test.txt"):
+        return dict(_row(method, bits, "kl" if method.startswith("sasq") else "-", ev, 11.0), kl=kl)
+    rows = [row("static_tensor", "W8A8", 0.02), row("smoothquant_sink", "W8A8", 0.01),
+            row("gptq", "W8A8", 0.001),  # dynamic: not the bar
+            row("sasq", "W8A8", 0.008), row("sasq_trunc", "W8A8", 0.0125),
+            row("sasq", "W4A8", 0.5),  # no static cell at W4A8: no line
+            row("sasq", "W8A8", 0.3, ev=OWN_DOMAIN)]  # no static cell on this eval set
+    doc = {"meta": _meta(), "rows": rows}
+    out = render_static_check(doc)
+    assert "1 of 2 SASQ cells at or below it." in out
+    assert "| test.txt | W8A8 | SASQ hard clamp +sink | kl | 0.0080 | SmoothQuant static +sink | " \
+           "0.0100 | -20.0% |" in out
+    assert "| SASQ + truncation +sink | kl | 0.0125 | SmoothQuant static +sink | 0.0100 | " \
+           "+25.0% (above) |" in out
+    assert "W4A8" not in out and OWN_DOMAIN not in out
+    assert out in render_markdown(doc)
+    assert render_static_check({"meta": _meta(), "rows": rows[:3]}) == ""
