@@ -533,7 +533,7 @@ def plot_run(run_dir, out_dir=None, which=PLOTS, eval_name: str | None = None, e
             log(f"{what}: no finished SASQ{' + truncation' if what == 'truncation' else ''} "
                 f"checkpoint in {run_dir / 'checkpoints'}, skipped")
             continue
-        qm, (key, bits, obj), _ = quant_from_checkpoint(model, ck)
+        qm, (key, bits, obj), _ = quant_from_checkpoint(model, ck, calib=data.calib)
         row = next((r for r in doc["rows"] if (r["method"], r["bits"], r["objective"]) == (key, bits, obj)), {})
         label = f"{row.get('label', key)} {bits} ({obj})"
         if what == "truncation":

@@ -68,14 +68,25 @@ def base_model(model, plan):
     """The model a plan quantizes: rotated first when the plan says so."""
     if plan is not None and getattr(plan, "rotate", False):
         from sasq.rotate import rotate_model
-        return rotate_model(model, seed=plan.rotate_seed)
+        return rotate_model(model, seed=plan.rotate_seed, online_qk=plan.rotate_qk)
     return model
 
 
-def quant_from_checkpoint(model, ckpt):
+def _run_calib(ckpt, model):
+    """The calibration windows of the run folder a checkpoint sits in (RUN/checkpoints/X.npz),
+    or None when it is not in one."""
+    run_dir = Path(ckpt).resolve().parent.parent
+    if not (run_dir / "results.json").is_file():
+        return None
+    return run_data(load_run(run_dir), model, run_dir).calib
+
+
+def quant_from_checkpoint(model, ckpt, calib=None):
     """(QuantModel with the checkpoint's trained parameters, (method, bits, objective), training
     state). The best held-out parameters when the checkpoint has them (what training returns),
-    else the last ones."""
+    else the last ones. A checkpoint holds scales only: a GPTQ plan's weights are recomputed
+    from the run's calibration windows (`calib`, else those of the run folder the checkpoint
+    sits in); without them it is refused, never run on round-to-nearest weights."""
     import sasq
     from sasq.methods import method, parse_bits
     from sasq.optim import load_checkpoint
@@ -84,6 +95,13 @@ def quant_from_checkpoint(model, ckpt):
     w_bits, a_bits = parse_bits(bits) if bits != "-" else (None, None)
     plan = method(key).plan(w_bits, a_bits)
     qm = sasq.quantize(base_model(model, plan), plan)
+    if plan.weights == "gptq":
+        calib = _run_calib(ckpt, model) if calib is None else calib
+        if calib is None:
+            raise ValueError(f"{ckpt}: {plan.label} has GPTQ weights, computed from the run's "
+                             f"calibration windows; keep the checkpoint in its run folder "
+                             f"(RUN/checkpoints/) or pass calib=")
+        sasq.calibrate(qm, calib, progress=False)  # the run's GPTQ weights; scales replaced below
     state, arrays = load_checkpoint(ckpt)
     params = {k: np.array(v) for k, v in (arrays["best"] or arrays["var"]).items()}
     if (state.get("config") or {}).get("space") == "linear":  # Adam ran on exp(log-scale)
