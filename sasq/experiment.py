@@ -29,7 +29,8 @@ from sasq.methods import (BITLESS, DEFAULT_BITS, METHODS, TRAINED, applies, desc
                           parse_bits, row_label)
 from sasq.rotate import ROTATION_VERSION, rotate_model
 from sasq.start import choose_start
-from sasq.results import RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_identity
+from sasq.results import (RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_data, check_identity,
+                           data_fingerprint)
 
 OWN_DOMAIN = "own-domain (FP32 samples)"
 EVAL_BATCH = 4  # windows per perplexity forward (speed only; the numbers do not depend on it)
@@ -164,13 +165,15 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     check_identity(out / "results.json", cfg.identity())  # refuse before sampling or tokenizing
     data = prepare_data(cfg, model, out, log)
     evals, eval_names, trained_on = data.evals, list(data.evals), data.trained_on
+    fingerprint = data_fingerprint(data.train_ids, data.val_ids, data.calib, evals)
+    check_data(out / "results.json", fingerprint)  # before any stored row or baseline is reused
 
     meta = {
         "model": str(model_dir), "model_name": model_dir.name if model_dir.name != "hf" else model_dir.parent.name,
         "train": cfg.train, "eval": cfg.eval, "trained_on": trained_on, "seqlen": eval_seqlen,
         "train_seqlen": seqlen,
         "bits": bits, "evals": eval_names, "identity": cfg.identity(),
-        "machine": platform.machine(), "numpy": np.__version__,
+        "machine": platform.machine(), "numpy": np.__version__, "data": fingerprint,
     }
     results = Results(out, meta)
 

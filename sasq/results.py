@@ -93,6 +93,42 @@ def check_identity(json_path, identity) -> dict | None:
     return old
 
 
+def data_fingerprint(train_ids, val_ids, calib, evals: dict) -> dict:
+    """sha256 of every token stream a run reads (training, held-out, calibration windows, each
+    evaluation set): the run identity names corpora, this says what they held."""
+    from sasq.external import tokens_sha256
+    return {"train": None if train_ids is None else tokens_sha256(train_ids),
+            "heldout": None if val_ids is None else tokens_sha256(val_ids),
+            "calib": tokens_sha256(calib),
+            "evals": {k: tokens_sha256(v) for k, v in evals.items()}}
+
+
+def _data_diff(old_meta: dict, data: dict) -> list[str]:
+    """What differs between the data a stored run recorded and `data` (data_fingerprint).
+    Folders written before fingerprints were recorded are checked by their eval protocols."""
+    if old_meta.get("data") is not None:
+        a = old_meta["data"]
+        diff = [k for k in ("train", "heldout", "calib") if a.get(k) != data.get(k)]
+        ae, be = a.get("evals") or {}, data.get("evals") or {}
+        return diff + [f"eval {k}" for k in sorted(set(ae) & set(be)) if ae[k] != be[k]]
+    prot = old_meta.get("protocols") or {}
+    return [f"eval {k}" for k, v in (data.get("evals") or {}).items()
+            if (prot.get(k) or {}).get("tokens_sha256") not in (None, v)]
+
+
+def check_data(json_path, data: dict) -> None:
+    """Refuse to resume into a folder whose cells were computed on other token streams (the same
+    corpus names or paths holding other text): old rows and FP32 baselines would be mixed with
+    new ones in one table."""
+    json_path = Path(json_path)
+    if not json_path.exists():
+        return
+    diff = _data_diff(load_results(json_path)["meta"], data)
+    if diff:
+        raise ValueError(f"{json_path}: its cells were computed on other data ({', '.join(diff)} "
+                         f"changed since); use another --out")
+
+
 def load(path) -> dict:
     """A results document from a run folder or results.json of ours, or from an external file
     (JSON/CSV, docs/results-format.md: a QuaRot-style script's per-window NLLs or a perplexity
@@ -129,6 +165,17 @@ def merge_runs(doc: dict, other: dict, name: str = "other run") -> dict:
     if a != b:
         diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
         raise ValueError(f"{name} was run with different settings ({', '.join(diff)})")
+    da, db = doc["meta"].get("data"), other["meta"].get("data")
+    diff = _data_diff(doc["meta"], db) if db is not None else \
+        _data_diff(other["meta"], da) if da is not None else \
+        [f"eval {k}" for k, p in (other["meta"].get("protocols") or {}).items()
+         if ((doc["meta"].get("protocols") or {}).get(k) or {}).get("tokens_sha256")
+         not in (None, p.get("tokens_sha256"))]
+    fa, fb = doc["meta"].get("fp32") or {}, other["meta"].get("fp32") or {}
+    diff += [f"FP32 on {k}" for k in sorted(set(fa) & set(fb))
+             if fa[k].get("ppl") != fb[k].get("ppl")]
+    if diff:
+        raise ValueError(f"{name} was run on other data ({', '.join(diff)})")
     have = {row_key(r): r for r in doc["rows"]}
     rows = list(doc["rows"])
     for r in other["rows"]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sasq.optim import _MIN_LINEAR
+
 
 def results_path(run) -> Path:
     p = Path(run)
@@ -94,6 +96,8 @@ def quant_from_checkpoint(model, ckpt, calib=None):
     key, bits, obj = parse_cell(ckpt)
     w_bits, a_bits = parse_bits(bits) if bits != "-" else (None, None)
     plan = method(key).plan(w_bits, a_bits)
+    state, arrays = load_checkpoint(ckpt)
+    _check_recipe(ckpt, state, plan)
     qm = sasq.quantize(base_model(model, plan), plan)
     if plan.weights == "gptq":
         calib = _run_calib(ckpt, model) if calib is None else calib
@@ -102,18 +106,39 @@ def quant_from_checkpoint(model, ckpt, calib=None):
                              f"calibration windows; keep the checkpoint in its run folder "
                              f"(RUN/checkpoints/) or pass calib=")
         sasq.calibrate(qm, calib, progress=False)  # the run's GPTQ weights; scales replaced below
-    state, arrays = load_checkpoint(ckpt)
     params = {k: np.array(v) for k, v in (arrays["best"] or arrays["var"]).items()}
     if (state.get("config") or {}).get("space") == "linear":  # Adam ran on exp(log-scale)
-        for k in qm.log_param_keys() & set(params):
-            params[k] = np.log(params[k]).astype(params[k].dtype)
+        for k in qm.log_param_keys() & set(params):  # as training put them (ParamSpace.put)
+            params[k] = np.log(np.maximum(params[k].astype(np.float64), _MIN_LINEAR)
+                               ).astype(params[k].dtype)
+    unknown, missing = set(params) - set(qm.params), set(qm.params) - set(params)
+    if unknown or missing:
+        raise ValueError(f"{ckpt}: its parameters do not match {plan.label} (unknown "
+                         f"{sorted(unknown)[:3]}, missing {sorted(missing)[:3]})")
     st = qm.state_dict()
-    unknown = set(params) - set(st)
-    if unknown:
-        raise ValueError(f"{ckpt}: parameters {sorted(unknown)[:3]} do not belong to {plan.label}")
     st.update(params)
     qm.load_state_dict(st)
     return qm, (key, bits, obj), state
+
+
+def _check_recipe(ckpt, state: dict, plan) -> None:
+    """A checkpoint holds scales for the plan it was trained with (recorded by train_scales);
+    refuse it when the catalogue's plan for its cell, or the rotation code, is another now."""
+    import json
+
+    from sasq.rotate import ROTATION_VERSION
+    cfg = state.get("config") or {}
+    if cfg.get("plan") is None:
+        raise ValueError(f"{ckpt}: records no plan (written by an older sasq); its scales cannot "
+                         f"be matched to today's {plan.label}: train the cell again")
+    want = json.loads(json.dumps(plan.to_dict()))
+    diff = sorted(k for k in set(want) | set(cfg["plan"]) if want.get(k) != cfg["plan"].get(k))
+    rot = ROTATION_VERSION if plan.rotate else None
+    if cfg.get("rotation_version") != rot:
+        diff.append("rotation_version")
+    if diff:
+        raise ValueError(f"{ckpt}: trained with another plan than the catalogue's for this cell "
+                         f"now ({', '.join(diff)}): train the cell again")
 
 
 def start_state(qm, calib, name: str | None) -> dict:
