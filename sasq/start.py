@@ -71,16 +71,19 @@ def candidate_starts(qmodel: QuantModel, calib, progress: bool = False):
     """Yield (name, state dict) for every PTQ start of qmodel's form (see module doc)."""
     plan = qmodel.plan
     sinks = (plan.sink_tokens, 0) if plan.sink_tokens else (0,)
+    # A static KV cache's sink scales are per-tensor in the domain the cache arrives in (v under
+    # the o_in fold): a twin's cannot be carried over exactly, so no twin candidates then.
+    twins = not (plan.sink_tokens and plan.kv_bits and plan.kv_mode == "static")
     for method in CHANNEL_METHODS:
         calibrate(qmodel, calib, method=method, progress=progress)
         yield f"{plan.granularity}/{method}", qmodel.state_dict()
-        if plan.sink_tokens and (plan.folded or plan.granularity == "tensor"):
+        if twins and plan.sink_tokens and (plan.folded or plan.granularity == "tensor"):
             # a twin only lends its scales (calibrated on FP activations): RTN weights suffice
             twin = quantize(qmodel.model, dataclasses.replace(plan, sink_tokens=0, weights="rtn",
                                                               w_clip=False, act_order=False))
             yield (f"{plan.granularity}/{method} (sink rows as body)",
                    _equivalent(qmodel, calibrate(twin, calib, method=method, progress=progress)))
-    if plan.folded and plan.smoothquant_alpha is None:
+    if twins and plan.folded and plan.smoothquant_alpha is None:
         base = dataclasses.replace(plan, granularity="tensor", truncation=False)
         for k in sinks:
             note = "" if k == plan.sink_tokens else " (sink rows as body)"

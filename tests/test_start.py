@@ -65,3 +65,16 @@ def test_gptq_act_order_plan_gets_its_starts(model, ids):
     q = quantize(model, QuantPlan(4, 8, sink_tokens=2, weights="gptq", act_order=True))
     res = start.choose_start(q, ids[2:], ref)
     assert any("sink rows as body" in k for k in res["kl"])
+
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_static_kv_cache_with_sinks_gets_only_exact_starts(model, ids, granularity):
+    """A static KV cache's per-tensor sink scales cannot take a twin's exactly (v arrives divided
+    by the o_in fold; a per-channel body has no per-tensor value): such plans start from their
+    own calibrations only, every one finite."""
+    ref = Reference.compute(model, ids[:2], 12, progress=False)
+    q = quantize(model, QuantPlan(8, 8, granularity=granularity, sink_tokens=2, kv_bits=8))
+    res = start.choose_start(q, ids[2:], ref)
+    assert set(res["kl"]) == {f"{granularity}/{m}" for m in start.CHANNEL_METHODS}
+    assert all(np.isfinite(v) for v in res["kl"].values())
+    assert start.heldout_kl(q, ref) == pytest.approx(min(res["kl"].values()), rel=1e-9, abs=1e-12)
