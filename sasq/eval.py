@@ -17,6 +17,7 @@ optionally stored in a file), so every quantized model is compared without rerun
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,36 @@ def window_scores(hidden, lm_head, ids, ref_hidden=None, ref_head=None):
     return nll / n, kl / n, agree / n
 
 
+def model_fingerprint(model) -> np.ndarray:
+    """(16,) uint8 blake2b of a model's weights (every array among its attributes, those of its
+    layers included) and config: a cached reference is reused only for the model it was computed
+    with (~1 s per GB)."""
+    h = hashlib.blake2b(digest_size=16)
+    cfg = getattr(model, "config", None)
+    if hasattr(cfg, "to_dict"):
+        h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+
+    def feed(name, v):
+        if isinstance(v, np.ndarray):
+            a = np.ascontiguousarray(v)
+            h.update(f"{name}:{a.dtype.str}{a.shape}".encode())
+            h.update(memoryview(a).cast("B"))
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            h.update(f"{name}={v!r}".encode())
+        elif isinstance(v, (list, tuple)):
+            for k, x in enumerate(v):
+                if hasattr(x, "__dict__") or isinstance(x, np.ndarray):
+                    feed(f"{name}.{k}", x)
+        elif hasattr(v, "__dict__") and name.count(".") < 2:  # a layer's weights
+            for k, x in sorted(vars(v).items()):
+                feed(f"{name}.{k}", x)
+
+    for k, v in sorted(vars(model).items()):
+        if k not in ("tokenizer", "config", "source_dir") and not k.startswith("_"):  # caches
+            feed(k, v)
+    return np.frombuffer(h.digest(), np.uint8)
+
+
 class Reference:
     """A reference model's final hidden states on fixed windows: windows (n, T), hidden (n, T, C),
     lm_head (V, C). Compute once with Reference.compute; perplexity(..., reference=ref) then
@@ -98,12 +129,11 @@ class Reference:
         holding the same windows and the same lm_head (by hash) is read instead, and a computed
         one is written atomically."""
         wins = _windows(model, token_ids, seqlen, max_windows)
-        head_id = np.frombuffer(hashlib.blake2b(np.ascontiguousarray(model.lm_head).tobytes(),
-                                                digest_size=16).digest(), np.uint8)
+        head_id = model_fingerprint(model)
         if path is not None and Path(path).is_file():
             try:
                 with np.load(path) as z:
-                    w, h, hid = z["windows"], z["hidden"], z["head_id"]
+                    w, h, hid = z["windows"], z["hidden"], z["model_id"]
                 if np.array_equal(w, wins) and np.array_equal(hid, head_id) \
                         and h.shape == wins.shape + (model.lm_head.shape[1],):
                     return cls(wins, h, model.lm_head)
@@ -115,7 +145,7 @@ class Reference:
             hidden[b0:b0 + batch_size] = model.forward(wins[b0:b0 + batch_size], return_hidden=True)
         if path is not None:
             with atomic_write(Path(path), "wb") as f:
-                np.savez(f, windows=wins, hidden=hidden, head_id=head_id)
+                np.savez(f, windows=wins, hidden=hidden, model_id=head_id)
         return cls(wins, hidden, model.lm_head)
 
 

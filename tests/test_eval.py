@@ -239,3 +239,24 @@ def test_eval_command_errors_are_one_line(tmp_path, capsys):
     assert main(["eval", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("sasq eval: error:") and "missing.txt" in err and "\n" not in err
+
+
+def test_cached_reference_is_reused_only_for_the_same_model(tmp_path):
+    """The cache file is keyed by the windows and a fingerprint of every weight: a model that
+    differs in one decoder matrix (same lm_head) gets its own hidden states."""
+    from sasq.eval import Reference
+    from sasq.model import LlamaConfig, random_model
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = random_model(cfg, seed=0)
+    ids = np.random.default_rng(0).integers(0, 40, 48)
+    path = tmp_path / "ref.npz"
+    a = Reference.compute(m, ids, 12, progress=False, path=path)
+    layers = list(m.layers)
+    layers[1] = type(layers[1])(**{**vars(layers[1]), "up_proj": layers[1].up_proj * 1.5})
+    m2 = m.copy_with(layers=layers)
+    b = Reference.compute(m2, ids, 12, progress=False, path=path)
+    np.testing.assert_array_equal(b.hidden, m2.forward(b.windows, return_hidden=True))
+    assert np.abs(a.hidden - b.hidden).max() > 1e-3
+    c = Reference.compute(m2, ids, 12, progress=False, path=path)  # now cached for m2
+    np.testing.assert_array_equal(c.hidden, b.hidden)
