@@ -234,7 +234,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     ckpt_dir = out / "checkpoints"
     for i, (key, b, obj) in enumerate(cells):
         w_bits, a_bits = parse_bits(b) if b != "-" else (None, None)
-        if results.has_cell(key, b, obj, eval_names, recipe=_recipe(method(key).plan(w_bits, a_bits))):
+        if results.has_cell(key, b, obj, eval_names, recipe=_recipe(method(key).plan(w_bits, a_bits), key)):
             log(f"[{i + 1}/{len(cells)}] {row_label(key, parse_bits(b)[1] if b != '-' else 8)} {b} {obj}: "
                 f"already in {results.json_path.name}, skipped")
             continue
@@ -298,20 +298,24 @@ def _say_resume(ck: Path, steps: int, what: str, log) -> None:
         f"{what}: training finished in {ck.name} ({step} steps); evaluating")
 
 
-def _recipe(plan) -> dict | None:
-    """What a cell computes beyond its key: the plan, and the rotation code's version for
-    rotated plans (a resumed run must not keep cells computed otherwise)."""
+def _recipe(plan, key: str | None = None) -> dict | None:
+    """What a cell computes beyond its key: the plan, the rotation code's version for rotated
+    plans, and how the catalogue method calibrates and trains it (a resumed run must not keep
+    cells computed otherwise)."""
     if plan is None:
         return None
-    return {"plan": json.loads(json.dumps(plan.to_dict())),
-            "rotation_version": ROTATION_VERSION if plan.rotate else None}
+    r = {"plan": json.loads(json.dumps(plan.to_dict())),
+         "rotation_version": ROTATION_VERSION if plan.rotate else None}
+    if key is not None:
+        r.update(calibrate=method(key).calibrate, train=method(key).train)
+    return r
 
 
 def _row(key, bits, objective, plan, eval_name, ppl, fp32_ppl, kl, top1, n_windows, trained_on,
          info, prep_s):
     a_bits = parse_bits(bits)[1] if bits != "-" else 8
     return {"method": key, "label": row_label(key, a_bits), "bits": bits, "objective": objective,
-            "recipe": _recipe(plan),
+            "recipe": _recipe(plan, key),
             **describe(key, plan), "trained_on": trained_on, "eval": eval_name, "ppl": ppl,
             "delta": (ppl / fp32_ppl - 1.0) if key != "fp32" else None, "kl": kl, "top1": top1,
             "n_windows": n_windows, "prep_seconds": prep_s, **info}

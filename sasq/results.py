@@ -51,16 +51,18 @@ class Results:
 
     def has_cell(self, method, bits, objective, evals, recipe=None) -> bool:
         """Whether the cell's rows are all here; ValueError when a stored row was computed with
-        another recipe (plan, rotation version) than `recipe` (rows recorded before recipes were
-        stored carry none and are taken as they are)."""
+        another recipe (plan, rotation version, calibration, training) than `recipe` (rows
+        recorded before recipes, or before a field of them, are taken as they are)."""
         ck = cell_key(method, bits, objective)
         for r in self.rows:
-            if row_key(r).startswith(ck + "|") and r.get("recipe") is not None \
-                    and recipe is not None and r["recipe"] != recipe:
-                a, b = r["recipe"].get("plan") or {}, recipe.get("plan") or {}
+            old = r.get("recipe")
+            if not (row_key(r).startswith(ck + "|") and old is not None and recipe is not None):
+                continue
+            # fields a row recorded are compared (a row written before a field existed lacks it)
+            if any(old[k] != recipe.get(k) for k in old):
+                a, b = old.get("plan") or {}, recipe.get("plan") or {}
                 diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-                if r["recipe"].get("rotation_version") != recipe.get("rotation_version"):
-                    diff.append("rotation_version")
+                diff += [k for k in old if k != "plan" and old[k] != recipe.get(k)]
                 raise ValueError(f"{self.json_path}: cell {ck} was computed with another recipe "
                                  f"({', '.join(diff)}); use another --out or remove its rows")
         ks = self.keys()

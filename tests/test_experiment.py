@@ -135,6 +135,15 @@ def test_cells_of_another_recipe_are_refused_legacy_rows_kept(tmp_path):
     bumped = dict(same, rotation_version=same["rotation_version"] - 1)
     with pytest.raises(ValueError, match="rotation_version"):
         r.has_cell("quarot_rtn", "W4A8", "-", ["e"], recipe=bumped)
+    # the catalogue's calibration/training of a method is part of it; rows recorded before
+    # those fields existed are compared on what they hold
+    keyed = dict(row, method="static_tensor", bits="W8A8",
+                 recipe=dict(_recipe(QuantPlan(8, 8), "static_tensor"), calibrate="mse"))
+    r.rows.append(keyed)
+    with pytest.raises(ValueError, match="another recipe.*calibrate"):
+        r.has_cell("static_tensor", "W8A8", "-", ["e"], recipe=_recipe(QuantPlan(8, 8), "static_tensor"))
+    keyed["recipe"] = _recipe(QuantPlan(8, 8))  # no calibrate/train fields: taken
+    assert r.has_cell("static_tensor", "W8A8", "-", ["e"], recipe=_recipe(QuantPlan(8, 8), "static_tensor"))
     legacy = dict(row, method="gptq")
     legacy.pop("recipe")
     r.rows.append(legacy)  # recorded before recipes: taken as it is
