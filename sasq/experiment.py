@@ -165,7 +165,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
     check_identity(out / "results.json", cfg.identity())  # refuse before sampling or tokenizing
     data = prepare_data(cfg, model, out, log)
     evals, eval_names, trained_on = data.evals, list(data.evals), data.trained_on
-    fingerprint = data_fingerprint(data.train_ids, data.val_ids, data.calib, evals)
+    fingerprint = data_fingerprint(data.train_ids, data.val_ids, data.calib, evals, model)
     check_data(out / "results.json", fingerprint)  # before any stored row or baseline is reused
 
     meta = {

@@ -95,11 +95,14 @@ def check_identity(json_path, identity) -> dict | None:
     return old
 
 
-def data_fingerprint(train_ids, val_ids, calib, evals: dict) -> dict:
+def data_fingerprint(train_ids, val_ids, calib, evals: dict, model=None) -> dict:
     """sha256 of every token stream a run reads (training, held-out, calibration windows, each
-    evaluation set): the run identity names corpora, this says what they held."""
+    evaluation set) and the model's weight fingerprint: the run identity names corpora and a
+    model path, this says what they held."""
+    from sasq.eval import model_fingerprint
     from sasq.external import tokens_sha256
-    return {"train": None if train_ids is None else tokens_sha256(train_ids),
+    return {"model": None if model is None else model_fingerprint(model).tobytes().hex(),
+            "train": None if train_ids is None else tokens_sha256(train_ids),
             "heldout": None if val_ids is None else tokens_sha256(val_ids),
             "calib": tokens_sha256(calib),
             "evals": {k: tokens_sha256(v) for k, v in evals.items()}}
@@ -110,7 +113,7 @@ def _data_diff(old_meta: dict, data: dict) -> list[str]:
     Folders written before fingerprints were recorded are checked by their eval protocols."""
     if old_meta.get("data") is not None:
         a = old_meta["data"]
-        diff = [k for k in ("train", "heldout", "calib") if a.get(k) != data.get(k)]
+        diff = [k for k in ("model", "train", "heldout", "calib") if a.get(k) != data.get(k)]
         ae, be = a.get("evals") or {}, data.get("evals") or {}
         return diff + [f"eval {k}" for k in sorted(set(ae) & set(be)) if ae[k] != be[k]]
     prot = old_meta.get("protocols") or {}

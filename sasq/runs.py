@@ -83,6 +83,19 @@ def _run_calib(ckpt, model):
     return run_data(load_run(run_dir), model, run_dir).calib
 
 
+def _check_model(ckpt, model) -> None:
+    """A checkpoint in a run folder that recorded its model's fingerprint must be loaded onto
+    that model (scales of one model mean nothing on another)."""
+    from sasq.eval import model_fingerprint
+    run_dir = Path(ckpt).resolve().parent.parent
+    if not (run_dir / "results.json").is_file():
+        return
+    want = (load_run(run_dir)["meta"].get("data") or {}).get("model")
+    if want is not None and model_fingerprint(model).tobytes().hex() != want:
+        raise ValueError(f"{ckpt}: its run ({run_dir}) was made with another model than the one "
+                         f"given ({load_run(run_dir)['meta'].get('model')})")
+
+
 def quant_from_checkpoint(model, ckpt, calib=None):
     """(QuantModel with the checkpoint's trained parameters, (method, bits, objective), training
     state). The best held-out parameters when the checkpoint has them (what training returns),
@@ -98,6 +111,7 @@ def quant_from_checkpoint(model, ckpt, calib=None):
     plan = method(key).plan(w_bits, a_bits)
     state, arrays = load_checkpoint(ckpt)
     _check_recipe(ckpt, state, plan)
+    _check_model(ckpt, model)
     qm = sasq.quantize(base_model(model, plan), plan)
     if plan.weights == "gptq":
         calib = _run_calib(ckpt, model) if calib is None else calib

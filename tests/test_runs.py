@@ -99,6 +99,15 @@ def test_resume_and_merge_refuse_other_data(tmp_path):
         check_data(tmp_path / "results.json", data_fingerprint(train, val, calib, {"e": ev2}))
     with pytest.raises(ValueError, match="other data.*calib"):
         check_data(tmp_path / "results.json", data_fingerprint(train, val, calib[::-1], {"e": ev}))
+    from sasq.model import LlamaConfig, random_model
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    with_model = tmp_path / "with_model"
+    Results(with_model, {**meta, "data": data_fingerprint(train, val, calib, {"e": ev},
+                                                          random_model(cfg, seed=0))}).save()
+    with pytest.raises(ValueError, match="other data.*model"):  # same path, other weights
+        check_data(with_model / "results.json",
+                   data_fingerprint(train, val, calib, {"e": ev}, random_model(cfg, seed=1)))
     # a folder written before fingerprints: its eval protocols' token hashes are compared
     from sasq.external import tokens_sha256
     legacy = tmp_path / "legacy"
@@ -131,3 +140,11 @@ def test_run_refuses_to_resume_on_changed_eval_text(tmp_path, stories_dir, asset
     (tmp_path / "eval.txt").write_text(text[::-1])
     with pytest.raises(ValueError, match="other data.*eval eval.txt"):
         run_experiment(cfg, log=lambda *a: None)
+
+
+def test_checkpoint_onto_another_model_is_refused(gptq_run):
+    doc = load_run(gptq_run)
+    model = run_model(doc)
+    other = model.copy_with(lm_head=model.lm_head * 1.01)
+    with pytest.raises(ValueError, match="another model"):
+        quant_from_checkpoint(other, gptq_run / "checkpoints" / "sasq_rot_gptq_W4A8_kl.npz")
