@@ -33,6 +33,9 @@ from sasq.results import (RESULTS_VERSION, Results, _fmt_ppl, cell_key, check_da
                            data_fingerprint)
 
 OWN_DOMAIN = "own-domain (FP32 samples)"
+# Trained cells keep the parameters (the start included) with the lowest held-out KL to FP32,
+# whatever they were trained on: SASQ is never less faithful than its start there.
+SELECT = "kl"
 EVAL_BATCH = 4  # windows per perplexity forward (speed only; the numbers do not depend on it)
 IDENTITY_FIELDS = ("model", "train", "eval", "steps", "lr", "seqlen", "eval_seqlen", "batch", "schedule",
                    "calib_windows",
@@ -259,7 +262,7 @@ def run_experiment(cfg: ExperimentConfig, log=print) -> dict:
             ck = ckpt_dir / (cell_key(key, b, obj).replace("|", "_") + ".npz")
             _say_resume(ck, cfg.steps, f"[{i + 1}/{len(cells)}] {row_label(key, a_bits or 8)} {b} {obj}", log)
             tr = train_scales(qm, data.train_ids, steps=cfg.steps, lr=cfg.lr, seqlen=seqlen, batch=cfg.batch,
-                              objective=obj, schedule=cfg.schedule, val_ids=data.val_ids,
+                              objective=obj, select=SELECT, schedule=cfg.schedule, val_ids=data.val_ids,
                               val_windows=cfg.val_windows, checkpoint=ck, resume=True, seed=cfg.seed,
                               eval_every=max(1, cfg.steps // max(1, cfg.evals_during_training)),
                               progress=cfg.progress)
@@ -308,6 +311,8 @@ def _recipe(plan, key: str | None = None) -> dict | None:
          "rotation_version": ROTATION_VERSION if plan.rotate else None}
     if key is not None:
         r.update(calibrate=method(key).calibrate, train=method(key).train)
+        if method(key).train:
+            r["select"] = SELECT
     return r
 
 

@@ -396,7 +396,9 @@ def loss_curves(doc: dict | None = None, run_dir=None) -> list[dict]:
             continue
         seen.add(k)
         curves.append({"label": f"{METHOD_LABELS.get(r['method'], r['method'])} {r['bits']}",
-                       "objective": r["objective"], "history": r["history"],
+                       "objective": r["objective"],
+                       "select": (r.get("recipe") or {}).get("select") or r["objective"],
+                       "history": r["history"],
                        "val_history": r.get("val_history") or [], "done": True})
     if run_dir is not None:
         from sasq.optim import load_checkpoint
@@ -411,7 +413,9 @@ def loss_curves(doc: dict | None = None, run_dir=None) -> list[dict]:
                 continue
             seen.add((key, bits, obj))
             curves.append({"label": f"{METHOD_LABELS.get(key, key)} {bits} (in progress)",
-                           "objective": obj, "history": [[h["step"], h["loss"]] for h in st["history"]],
+                           "objective": obj,
+                           "select": (st.get("config") or {}).get("select") or obj,
+                           "history": [[h["step"], h["loss"]] for h in st["history"]],
                            "val_history": [[h["step"], h["val"]] for h in st.get("val_history", [])],
                            "done": False})
     return curves
@@ -428,6 +432,9 @@ def plot_loss(curves: list[dict], path, title: str = "") -> Path:
     axes = fig.subplots(1, len(objs), squeeze=False)[0]
     cmap = colormaps["tab10"]
     for ax, o in zip(axes, objs):
+        # held-out losses of another kind (CE training selected on held-out KL): own axis
+        other = sorted({c.get("select", o) for c in curves if c["objective"] == o} - {o})
+        vax = ax.twinx() if other else ax
         for j, c in enumerate(x for x in curves if x["objective"] == o):
             col = cmap(j % 10)
             h = np.asarray(c["history"], dtype=np.float64).reshape(-1, 2)
@@ -440,7 +447,11 @@ def plot_loss(curves: list[dict], path, title: str = "") -> Path:
                 ax.plot(h[:, 0], ema, color=col, lw=1.6, label=c["label"])
             v = np.asarray(c["val_history"], dtype=np.float64).reshape(-1, 2)
             if v.size:
-                ax.plot(v[:, 0], v[:, 1], color=col, marker="o", ms=4, ls="--", lw=1)
+                (vax if c.get("select", o) != o else ax).plot(v[:, 0], v[:, 1], color=col,
+                                                               marker="o", ms=4, ls="--", lw=1)
+        if other:
+            vax.set_ylabel(f"held-out {', '.join(x.upper() for x in other)} (dashed; picks the "
+                           f"kept parameters)")
         ax.set_xlabel("step")
         if o == "kl":
             ax.set_yscale("log")  # cells of different bit widths differ by orders of magnitude

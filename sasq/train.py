@@ -66,12 +66,16 @@ class TrainConfig:
     recompute: bool = False         # recompute each layer in backward (less memory)
     chunk_rows: int = losses.DEFAULT_CHUNK_ROWS
     pool: int | None = 256          # KL: batches from a fixed pool of windows, teacher cached
+    select: str | None = None       # held-out loss that picks the kept parameters (None: the
+                                    # objective's; "kl": fidelity, also for CE training)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.select not in (None,) + OBJECTIVES:
+            raise ValueError(f"select must be None or one of {OBJECTIVES}, got {self.select!r}")
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
         for name in ("steps", "seqlen", "batch"):
@@ -88,9 +92,14 @@ class TrainConfig:
         for k, v in fill.items():
             object.__setattr__(self, k, v)
 
+    @property
+    def val_objective(self) -> str:
+        return self.select or self.objective
+
     def identity(self, val_windows: int | None, shapes: dict) -> dict:
         """What a checkpoint records and a resume must match."""
-        return dict(steps=int(self.steps), lr=float(self.lr), seqlen=int(self.seqlen),
+        extra = {} if self.val_objective == self.objective else {"select": self.val_objective}
+        return dict(**extra, steps=int(self.steps), lr=float(self.lr), seqlen=int(self.seqlen),
                     batch=int(self.batch), objective=self.objective, schedule=self.schedule,
                     warmup=self.warmup, min_lr_ratio=float(self.min_lr_ratio), seed=int(self.seed),
                     space=self.space, betas=[float(b) for b in self.betas], eps=float(self.eps),
@@ -172,7 +181,7 @@ def _step_loss(qmodel, x, y, objective, teacher_hidden, teacher_head, cfg):
 
 
 def _val_loss(qmodel, windows, objective, teacher, teacher_cache, batch, chunk_rows) -> float:
-    """Mean held-out loss (same objective as training) over fixed windows (n, T+1)."""
+    """Mean held-out loss (TrainConfig.val_objective) over fixed windows (n, T+1)."""
     total, rows = 0.0, 0
     for b0 in range(0, windows.shape[0], batch):
         w = windows[b0:b0 + batch]
@@ -202,7 +211,7 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
     schedule, warmup, ... see TrainConfig). train_ids: 1-D token stream or (n, L) windows
     (L >= seqlen + 1); each step samples `batch` windows of seqlen + 1 tokens. objective "kl" uses
     `teacher` (default qmodel.model), its logits computed on the fly in row chunks. With val_ids,
-    the held-out loss (same objective, first `val_windows` windows) is measured before training,
+    the held-out loss (the objective's, or `select`'s; first `val_windows` windows) is measured before training,
     every `eval_every` steps and at the end; the best parameters are kept and loaded back at the
     end; `patience` evaluations without improvement stop early. `checkpoint` (a .npz path) is
     written atomically every `checkpoint_every` steps and at the end; resume=True continues from
@@ -223,10 +232,10 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
     train_ids = as_token_ids(train_ids, "train_ids")
     val = (cut_windows(val_ids, cfg.seqlen + 1, cfg.val_windows, "val_ids")
            if val_ids is not None else None)
-    if cfg.objective == "kl" and teacher is None:
+    if "kl" in (cfg.objective, cfg.val_objective) and teacher is None:
         teacher = getattr(qmodel, "model", None)
         if teacher is None:
-            raise ValueError("objective='kl' needs a teacher (qmodel.model is missing)")
+            raise ValueError("the KL objective (or selection) needs a teacher (qmodel.model is missing)")
 
     space = ParamSpace(qmodel, cfg.space)
     keys = sorted(qmodel.params)
@@ -268,7 +277,8 @@ def train_scales(qmodel, train_ids, steps: int | None = None, *, config: TrainCo
 
     def evaluate(step):
         nonlocal best
-        vl = _val_loss(qmodel, val, cfg.objective, teacher, teacher_cache, cfg.batch, cfg.chunk_rows)
+        vl = _val_loss(qmodel, val, cfg.val_objective, teacher, teacher_cache, cfg.batch,
+                       cfg.chunk_rows)
         st["val_history"].append({"step": step, "val": vl})
         if step == 0:
             st["initial_val"] = vl

@@ -81,6 +81,9 @@ def test_result_plots(tmp_path):
     curves = plots.loss_curves(doc)
     assert len(curves) == 3 and curves[0]["objective"] == "kl"  # one per trained cell
     assert _is_png(plots.plot_loss(curves, tmp_path / "l.png"))
+    # CE training selected on held-out KL: its held-out curve is KL, drawn on its own axis
+    ce = [dict(c, objective="ce", select="kl") for c in curves] + [dict(curves[0], objective="ce")]
+    assert _is_png(plots.plot_loss(ce, tmp_path / "l2.png"))
     with pytest.raises(ValueError, match="no evaluation set 'nope'"):
         plots.plot_bits(doc, tmp_path / "b.png", eval_name="nope")
     with pytest.raises(ValueError, match="no training curves"):

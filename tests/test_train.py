@@ -456,3 +456,33 @@ def test_checkpoint_of_another_plan_is_not_resumed(tmp_path):
     assert set(a.params) == set(b.params)
     with pytest.raises(ValueError, match="different settings.*plan"):
         train_scales(b, ids, resume=True, **kw)
+
+
+def test_ce_training_selected_on_heldout_kl():
+    """select="kl": CE training keeps the parameters (the start included) with the lowest
+    held-out KL to the FP model; best_val is that KL; resuming checks the setting."""
+    from sasq.calibration import calibrate
+    from sasq.model import LlamaConfig, random_model
+    from sasq.plan import QuantPlan
+    from sasq.quant import quantize
+    from sasq.train import TrainConfig
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = random_model(cfg, seed=0)
+    ids = np.random.default_rng(0).integers(0, 40, 3000)
+    q = calibrate(quantize(m, QuantPlan(8, 4, granularity="channel")), ids[:400], seqlen=16,
+                  progress=False)
+    r = train_scales(q, ids[:2400], steps=12, lr=0.05, seqlen=16, batch=2, objective="ce",
+                     select="kl", val_ids=ids[2400:], val_windows=4, eval_every=3, progress=False)
+    w = fixed_windows(ids[2400:], 17, 4)
+    h = q.forward(w[:, :-1], return_hidden=True)
+    t = m.forward(w[:, :-1], return_hidden=True)
+    kl = losses.kl_forward((h, q.lm_head), (t, m.lm_head))
+    assert kl == pytest.approx(r.best_val, rel=1e-5)
+    assert r.best_val == min(v["val"] for v in r.val_history)
+    ce = losses.ce_forward((h, q.lm_head), w[:, 1:])
+    assert abs(ce - r.best_val) > 1e-3  # it is not the CE
+    assert TrainConfig(steps=1, objective="ce", select="kl").identity(4, {})["select"] == "kl"
+    assert "select" not in TrainConfig(steps=1, objective="kl", select="kl").identity(4, {})
+    with pytest.raises(ValueError, match="select"):
+        TrainConfig(steps=1, select="mse")
