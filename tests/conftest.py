@@ -35,3 +35,18 @@ def smollm2():
     if not a.smollm2_available():
         pytest.skip(f"SmolLM2 not cached at {gguf.parent}; run `python benchmarks/assets.py smollm2`")
     return gguf, hf
+
+
+def tiny_run(d: Path, stories_dir: Path, assets: Path, **settings) -> Path:
+    """A real `sasq run` folder in a few seconds under d: stories260K, a slice of WikiText-2 valid
+    to train on and of test to report, W4A8, KL; `settings` override ExperimentConfig fields.
+    Returns the run folder (d/res)."""
+    from sasq.experiment import ExperimentConfig, run_experiment
+    wt = assets / "wikitext-2"
+    (d / "train.txt").write_text((wt / "tokens-v1" / "valid.txt").read_text()[:12_000])
+    (d / "eval.txt").write_text((wt / "raw-v1" / "test.joined.txt").read_text()[:3_000])
+    cfg = dict(model=str(stories_dir), train=str(d / "train.txt"), eval=str(d / "eval.txt"),
+               bits=("W4A8",), objectives=("kl",), steps=4, seqlen=32, batch=1, calib_windows=2,
+               val_windows=2, eval_windows=3, own_windows=2, out=str(d / "res"), progress=False)
+    run_experiment(ExperimentConfig(**{**cfg, **settings}), log=lambda *a: None)
+    return d / "res"

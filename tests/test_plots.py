@@ -102,17 +102,9 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, stories_dir, assets):
     """A real `sasq run` folder in a few seconds: stories260K, W4A8, one trained SASQ+trunc cell."""
-    from sasq.experiment import ExperimentConfig, run_experiment
-    d = tmp_path_factory.mktemp("run")
-    wt = assets / "wikitext-2"
-    (d / "train.txt").write_text((wt / "tokens-v1" / "valid.txt").read_text()[:12_000])
-    (d / "eval.txt").write_text((wt / "raw-v1" / "test.joined.txt").read_text()[:3_000])
-    cfg = ExperimentConfig(model=str(stories_dir), train=str(d / "train.txt"), eval=str(d / "eval.txt"),
-                           bits=("W4A8",), methods=("fp32", "static_tensor", "sasq_trunc"),
-                           objectives=("kl",), steps=4, seqlen=32, batch=1, calib_windows=2, val_windows=2,
-                           eval_windows=3, own_windows=2, out=str(d / "res"), progress=False)
-    run_experiment(cfg, log=lambda *a: None)
-    return d / "res"
+    from conftest import tiny_run as make
+    return make(tmp_path_factory.mktemp("run"), stories_dir, assets,
+                methods=("fp32", "static_tensor", "sasq_trunc"))
 
 
 def test_plot_command_on_a_tiny_run(tiny_run, tmp_path, capsys):

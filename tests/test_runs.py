@@ -13,17 +13,9 @@ from sasq.runs import load_run, quant_from_checkpoint, run_model
 @pytest.fixture(scope="module")
 def gptq_run(tmp_path_factory, stories_dir, assets):
     """stories260K, W4A8, one trained SASQ + rotation + GPTQ cell (a few seconds)."""
-    from sasq.experiment import ExperimentConfig, run_experiment
-    d = tmp_path_factory.mktemp("run")
-    wt = assets / "wikitext-2"
-    (d / "train.txt").write_text((wt / "tokens-v1" / "valid.txt").read_text()[:12_000])
-    (d / "eval.txt").write_text((wt / "raw-v1" / "test.joined.txt").read_text()[:3_000])
-    cfg = ExperimentConfig(model=str(stories_dir), train=str(d / "train.txt"), eval=str(d / "eval.txt"),
-                           bits=("W4A8",), methods=("fp32", "sasq_rot_gptq"), objectives=("kl",),
-                           steps=2, seqlen=32, batch=1, calib_windows=2, val_windows=2,
-                           eval_windows=3, own_windows=2, out=str(d / "res"), progress=False)
-    run_experiment(cfg, log=lambda *a: None)
-    return d / "res"
+    from conftest import tiny_run
+    return tiny_run(tmp_path_factory.mktemp("run"), stories_dir, assets,
+                    methods=("fp32", "sasq_rot_gptq"), steps=2)
 
 
 def test_checkpoint_of_a_gptq_cell_computes_the_recorded_perplexity(gptq_run, tmp_path):
