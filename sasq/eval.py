@@ -126,15 +126,15 @@ class Reference:
     def compute(cls, model, token_ids, seqlen: int, max_windows: int | None = None,
                 batch_size: int = 1, progress: bool = True, path=None) -> "Reference":
         """The reference on the windows perplexity() would cut. With `path` (.npz), a file
-        holding the same windows and the same lm_head (by hash) is read instead, and a computed
+        holding the same windows and computed by the same model (model_fingerprint) is read instead, and a computed
         one is written atomically."""
         wins = _windows(model, token_ids, seqlen, max_windows)
-        head_id = model_fingerprint(model)
+        model_id = model_fingerprint(model)
         if path is not None and Path(path).is_file():
             try:
                 with np.load(path) as z:
                     w, h, hid = z["windows"], z["hidden"], z["model_id"]
-                if np.array_equal(w, wins) and np.array_equal(hid, head_id) \
+                if np.array_equal(w, wins) and np.array_equal(hid, model_id) \
                         and h.shape == wins.shape + (model.lm_head.shape[1],):
                     return cls(wins, h, model.lm_head)
             except Exception:  # unreadable or stale: recompute
@@ -145,7 +145,7 @@ class Reference:
             hidden[b0:b0 + batch_size] = model.forward(wins[b0:b0 + batch_size], return_hidden=True)
         if path is not None:
             with atomic_write(Path(path), "wb") as f:
-                np.savez(f, windows=wins, hidden=hidden, model_id=head_id)
+                np.savez(f, windows=wins, hidden=hidden, model_id=model_id)
         return cls(wins, hidden, model.lm_head)
 
 

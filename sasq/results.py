@@ -118,7 +118,7 @@ def _data_diff(old_meta: dict, data: dict) -> list[str]:
         return diff + [f"eval {k}" for k in sorted(set(ae) & set(be)) if ae[k] != be[k]]
     prot = old_meta.get("protocols") or {}
     return [f"eval {k}" for k, v in (data.get("evals") or {}).items()
-            if (prot.get(k) or {}).get("tokens_sha256") not in (None, v)]
+            if v is not None and (prot.get(k) or {}).get("tokens_sha256") not in (None, v)]
 
 
 def check_data(json_path, data: dict) -> None:
@@ -170,12 +170,11 @@ def merge_runs(doc: dict, other: dict, name: str = "other run") -> dict:
     if a != b:
         diff = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k))
         raise ValueError(f"{name} was run with different settings ({', '.join(diff)})")
-    da, db = doc["meta"].get("data"), other["meta"].get("data")
-    diff = _data_diff(doc["meta"], db) if db is not None else \
-        _data_diff(other["meta"], da) if da is not None else \
-        [f"eval {k}" for k, p in (other["meta"].get("protocols") or {}).items()
-         if ((doc["meta"].get("protocols") or {}).get(k) or {}).get("tokens_sha256")
-         not in (None, p.get("tokens_sha256"))]
+    ma, mb = doc["meta"], other["meta"]
+    if mb.get("data") is None and ma.get("data") is not None:
+        ma, mb = mb, ma
+    diff = _data_diff(ma, mb.get("data") or {"evals": {
+        k: p.get("tokens_sha256") for k, p in (mb.get("protocols") or {}).items()}})
     fa, fb = doc["meta"].get("fp32") or {}, other["meta"].get("fp32") or {}
     diff += [f"FP32 on {k}" for k in sorted(set(fa) & set(fb))
              if fa[k].get("ppl") != fb[k].get("ppl")]
