@@ -23,7 +23,6 @@ per cent either way: not adopted.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sasq  # noqa: E402
-from sasq.data import cut_windows, read_text, tokenize_corpus  # noqa: E402
+import valid_splits  # noqa: E402
 from sasq.eval import Reference  # noqa: E402
 from sasq.methods import make_plan  # noqa: E402
 from sasq.model import Observer  # noqa: E402
@@ -42,7 +41,6 @@ from sasq.start import choose_start  # noqa: E402
 from sasq.train import train_scales  # noqa: E402
 from sasq.transforms import consumer_column_absmax, fold_scales, smoothing_factors  # noqa: E402
 
-VALID = ROOT.parent / "shared" / "assets" / "wikitext-2" / "tokens-v1" / "valid.txt"
 SINK = 4
 
 
@@ -72,22 +70,9 @@ def smoothed_rotated(model, calib, alpha: float, seed: int = 0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="HF dir or .gguf (default: bundled stories260K)")
-    ap.add_argument("--alpha", default="0.3", help="comma-separated SmoothQuant alphas")
-    ap.add_argument("--steps", type=int, default=100, help="KL training steps (0: starts only)")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    if a.threads:
-        sasq.set_num_threads(a.threads)
-    m = sasq.load(a.model)
-    ids = tokenize_corpus(m.tokenizer, read_text(VALID))
-    n = len(ids)
-    tr, ho, te = ids[:int(.8 * n)], ids[int(.8 * n):int(.9 * n)], ids[int(.9 * n):]
-    calib = cut_windows(tr, a.seqlen)[:8]
+    a, d = valid_splits.setup(__doc__, argv, alpha=("0.3", "comma-separated SmoothQuant alphas"))
+    m, tr, ho, calib, ref = d.model, d.train, d.heldout, d.calib, d.report
     heldout = Reference.compute(m, ho, a.seqlen, 24, 4, False)
-    ref = Reference.compute(m, te, a.seqlen, 32, 4, False)
     plan = make_plan("sasq_rot_gptq", 8, 8)
 
     def kl(q):

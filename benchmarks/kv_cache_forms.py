@@ -17,22 +17,16 @@ per-channel 1.075 -> 0.865. KV3: dynamic 1.275, static per-channel 1.594 -> 0.99
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import sasq  # noqa: E402
-from sasq.data import cut_windows, read_text, tokenize_corpus  # noqa: E402
-from sasq.eval import Reference  # noqa: E402
+import valid_splits  # noqa: E402
 from sasq.plan import QuantPlan  # noqa: E402
 from sasq.train import train_scales  # noqa: E402
-
-VALID = ROOT.parent / "shared" / "assets" / "wikitext-2" / "tokens-v1" / "valid.txt"
 
 
 def forms(b: int) -> dict:
@@ -50,21 +44,8 @@ def forms(b: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="HF dir or .gguf (default: bundled stories260K)")
-    ap.add_argument("--bits", default="4,3", help="comma-separated KV bit widths")
-    ap.add_argument("--steps", type=int, default=100, help="KL steps for the static forms")
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    if a.threads:
-        sasq.set_num_threads(a.threads)
-    m = sasq.load(a.model)
-    ids = tokenize_corpus(m.tokenizer, read_text(VALID))
-    n = len(ids)
-    tr, ho, te = ids[:int(.8 * n)], ids[int(.8 * n):int(.9 * n)], ids[int(.9 * n):]
-    calib = cut_windows(tr, a.seqlen)[:8]
-    ref = Reference.compute(m, te, a.seqlen, 32, 4, False)
+    a, d = valid_splits.setup(__doc__, argv, bits=("4,3", "comma-separated KV bit widths"))
+    m, tr, ho, calib, ref = d.model, d.train, d.heldout, d.calib, d.report
 
     def score(q):
         r = sasq.perplexity(q, ref.windows, a.seqlen, batch_size=4, progress=False, reference=ref)
