@@ -82,32 +82,37 @@ def window_scores(hidden, lm_head, ids, ref_hidden=None, ref_head=None):
 
 
 def model_fingerprint(model) -> np.ndarray:
-    """(16,) uint8 blake2b of a model's weights (every array among its attributes, those of its
-    layers included) and config: a cached reference is reused only for the model it was computed
-    with (~1 s per GB)."""
+    """(16,) uint8 blake2b of everything a model computes with: every array reachable through its
+    public attributes (lists, dicts and nested objects such as layers, a QuantModel's scales and
+    its float model included) and its config. A cached reference is reused only for the model it
+    was computed with (~1 s per GB; a change anywhere only costs a recomputation)."""
     h = hashlib.blake2b(digest_size=16)
     cfg = getattr(model, "config", None)
     if hasattr(cfg, "to_dict"):
         h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    seen = set()
 
-    def feed(name, v):
+    def feed(name, v, attribute=True):
         if isinstance(v, np.ndarray):
             a = np.ascontiguousarray(v)
             h.update(f"{name}:{a.dtype.str}{a.shape}".encode())
             h.update(memoryview(a).cast("B"))
         elif isinstance(v, (bool, int, float, str)) or v is None:
-            h.update(f"{name}={v!r}".encode())
+            if attribute:  # flags (online_down); scalars inside containers are bookkeeping
+                h.update(f"{name}={v!r}".encode())
         elif isinstance(v, (list, tuple)):
             for k, x in enumerate(v):
-                if hasattr(x, "__dict__") or isinstance(x, np.ndarray):
-                    feed(f"{name}.{k}", x)
-        elif hasattr(v, "__dict__") and name.count(".") < 2:  # a layer's weights
+                feed(f"{name}.{k}", x, False)
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                feed(f"{name}[{k}]", v[k], False)
+        elif hasattr(v, "__dict__") and id(v) not in seen:  # layers, a wrapped model, sites
+            seen.add(id(v))
             for k, x in sorted(vars(v).items()):
-                feed(f"{name}.{k}", x)
+                if k not in ("tokenizer", "config", "source_dir") and not k.startswith("_"):
+                    feed(f"{name}.{k}", x)
 
-    for k, v in sorted(vars(model).items()):
-        if k not in ("tokenizer", "config", "source_dir") and not k.startswith("_"):  # caches
-            feed(k, v)
+    feed("", model)
     return np.frombuffer(h.digest(), np.uint8)
 
 

@@ -260,3 +260,22 @@ def test_cached_reference_is_reused_only_for_the_same_model(tmp_path):
     assert np.abs(a.hidden - b.hidden).max() > 1e-3
     c = Reference.compute(m2, ids, 12, progress=False, path=path)  # now cached for m2
     np.testing.assert_array_equal(c.hidden, b.hidden)
+
+
+def test_fingerprint_sees_a_quant_models_scales():
+    """Two QuantModels of one model that differ only in one activation scale differ."""
+    import sasq
+    from sasq.eval import model_fingerprint
+    from sasq.model import LlamaConfig, random_model
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    m = random_model(cfg, seed=0)
+    ids = np.random.default_rng(0).integers(0, 40, 200)
+    a = sasq.calibrate(sasq.quantize(m, sasq.QuantPlan(8, 8)), ids, seqlen=20, progress=False)
+    b = sasq.calibrate(sasq.quantize(m, sasq.QuantPlan(8, 8)), ids, seqlen=20, progress=False)
+    assert np.array_equal(model_fingerprint(a), model_fingerprint(b))
+    k = next(iter(b.params))
+    b.params[k][...] += 0.5
+    b.sync()
+    assert not np.array_equal(model_fingerprint(a), model_fingerprint(b))
+    assert np.array_equal(model_fingerprint(m), model_fingerprint(m.copy_with()))
