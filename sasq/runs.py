@@ -74,21 +74,24 @@ def base_model(model, plan):
     return model
 
 
-def _run_calib(ckpt, model):
-    """The calibration windows of the run folder a checkpoint sits in (RUN/checkpoints/X.npz),
-    or None when it is not in one."""
+def _run_dir(ckpt) -> Path | None:
+    """The run folder a checkpoint sits in (RUN/checkpoints/X.npz), or None."""
     run_dir = Path(ckpt).resolve().parent.parent
-    if not (run_dir / "results.json").is_file():
-        return None
-    return run_data(load_run(run_dir), model, run_dir).calib
+    return run_dir if (run_dir / "results.json").is_file() else None
+
+
+def _run_calib(ckpt, model):
+    """The calibration windows of the checkpoint's run folder, or None when it is in none."""
+    run_dir = _run_dir(ckpt)
+    return None if run_dir is None else run_data(load_run(run_dir), model, run_dir).calib
 
 
 def _check_model(ckpt, model) -> None:
     """A checkpoint in a run folder that recorded its model's fingerprint must be loaded onto
     that model (scales of one model mean nothing on another)."""
     from sasq.eval import model_fingerprint
-    run_dir = Path(ckpt).resolve().parent.parent
-    if not (run_dir / "results.json").is_file():
+    run_dir = _run_dir(ckpt)
+    if run_dir is None:
         return
     want = (load_run(run_dir)["meta"].get("data") or {}).get("model")
     if want is not None and model_fingerprint(model).tobytes().hex() != want:
